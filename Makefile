@@ -1,0 +1,36 @@
+# Two commands a fresh machine needs: `make demo` and `make test`. Both build .venv/ from the pinned lock
+# files first (once; again only when pyproject.toml or a lock file changes).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIN := -c requirements/lock.txt -c requirements/test-lock.txt
+
+.PHONY: env demo test test-fast lint bench clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/lock.txt requirements/test-lock.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(PIN) torch==2.13.0
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(PIN) -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	WANDB_SILENT=true $(BIN)/genzoo fit -c configs/vae_digits.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not ddp"
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/vae_overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,84 @@
+"""genzoo's one entry point: ``genzoo fit -c configs/vae_digits.yaml`` (or ``python cli.py ...``).
+
+* Model and data by class name: ``--model VAE --data Digits``; any importable class through
+  ``class_path`` (``--model my_package.MyModel``).
+* The datamodule's ``shape`` is linked into the model, so nobody types it twice.
+* Logging goes to Weights & Biases by default, offline unless ``WANDB_API_KEY`` or ``WANDB_MODE`` says
+  otherwise, under ``runs/``; ``--trainer.logger`` overrides it (CSVLogger, TensorBoardLogger, or false).
+* The resolved config is saved into every run's own folder (and, for W&B, uploaded with it).
+* A short summary is printed when ``fit`` ends.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer import Trainer
+
+import datamodules  # noqa: F401  (registers the datamodules' class names)
+import zoo  # noqa: F401  (registers the models' class names)
+from callbacks.run import run_dir
+from callbacks.summary import RunSummary
+
+RUNS_DIR = "runs"
+
+
+def wandb_offline() -> bool:
+    """Offline unless the user gave credentials or chose a mode themselves."""
+    return not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"))
+
+
+class RunConfig(SaveConfigCallback):
+    """Saves the resolved config as ``config.yaml`` in the run's own folder (rank 0 only), so relaunching
+    never collides with an earlier run (RELIABILITY.md #18), and hands it to W&B as the run config."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["save_to_log_dir"] = False
+        super().__init__(*args, **kwargs)
+
+    def save_config(self, trainer: Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        path = run_dir(trainer) / self.config_filename
+        self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
+        if isinstance(trainer.logger, WandbLogger):
+            trainer.logger.experiment.config.update({"cli": self.config.as_dict()}, allow_val_change=True)
+
+
+class GenZooCLI(LightningCLI):
+    """LightningCLI with genzoo's defaults: registered families and data by name, shape linked, W&B."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("save_config_callback", RunConfig)
+        trainer_defaults = {"logger": default_logger(), "default_root_dir": RUNS_DIR}
+        trainer_defaults.update(kwargs.pop("trainer_defaults", None) or {})
+        super().__init__(
+            L.LightningModule,
+            L.LightningDataModule,
+            *args,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults=trainer_defaults,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.shape", "model.init_args.shape", apply_on="instantiate")
+        parser.add_lightning_class_args(RunSummary, "summary")
+
+
+def default_logger():
+    from lightning.pytorch.cli import lazy_instance
+
+    return lazy_instance(WandbLogger, project="genzoo", save_dir=RUNS_DIR, offline=wandb_offline())
+
+
+def main(args: list[str] | None = None) -> GenZooCLI:
+    os.makedirs(RUNS_DIR, exist_ok=True)
+    return GenZooCLI(args=args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

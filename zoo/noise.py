@@ -1,0 +1,94 @@
+"""Noise that does not depend on how a batch is split across processes.
+
+Under DDP each process sees a shard of the global batch. If every process drew its noise from its own
+random stream, N processes would train a different (equally valid) model from one process on the same
+data and seed, and nothing could be checked number for number. genzoo's datamodules shard a global batch
+in DistributedSampler's interleaved order: the example at global position ``p`` lives on rank ``p % W``
+at local position ``p // W``. The two functions below give every example the noise it would get in a
+one-process run:
+
+* :func:`global_normal` (training; every rank holds the same number of examples): every rank draws the
+  noise of the whole global batch from one generator seeded by ``key`` and keeps its rows ``rank::W``.
+  Costs one ``randn`` of the global batch, which is the cheapest exact choice.
+* :func:`positional_normal` (evaluation, where the last shard may be shorter): a counter-based generator
+  (SplitMix64 finaliser + Box-Muller) maps ``(key, global position, element)`` to a standard normal, so
+  it needs no knowledge of the other ranks' batch sizes. Slower (~25 integer ops per number), so it is
+  kept off the training hot path.
+
+Both are pure functions of ``key``: keying by ``(seed, global_step)`` makes a resumed run draw exactly the
+noise of an uninterrupted one, with no generator state to checkpoint (RELIABILITY.md #10).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
+_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
+_MASK63 = (1 << 63) - 1
+
+
+def _shr(x: Tensor, s: int) -> Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _splitmix(x: Tensor) -> Tensor:
+    """SplitMix64 finaliser (Steele, Lea & Flood 2014): a bijective 64-bit mixer; wraps like uint64."""
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def mix_key(*parts: int) -> int:
+    """Combine integers (seed, step, stream, ...) into one 63-bit key."""
+    h = torch.tensor(0, dtype=torch.int64)
+    for part in parts:
+        h = _splitmix(h + int(part) * _GOLDEN + _GOLDEN)
+    return int(h) & _MASK63
+
+
+def shard_of(module) -> tuple[int, int]:
+    """``(rank, world_size)`` of a LightningModule's trainer, ``(0, 1)`` when it has none."""
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None:
+        return 0, 1
+    return trainer.global_rank, trainer.world_size
+
+
+def global_normal(
+    batch: int, event_shape: tuple[int, ...], *, key: int, rank: int = 0, world: int = 1,
+    device=None, dtype=torch.float32,
+) -> Tensor:
+    """Standard normal noise ``[batch, *event_shape]`` for this rank's rows of a global batch.
+
+    Requires every rank to hold ``batch`` examples (true for training shards, which DistributedSampler
+    pads to equal size). Identical to ``randn(batch * world, ...)[rank::world]`` under one generator.
+    """
+    generator = torch.Generator(device=device or "cpu")
+    generator.manual_seed(key)
+    noise = torch.randn((batch * world, *event_shape), generator=generator, device=device, dtype=dtype)
+    return noise[rank::world] if world > 1 else noise
+
+
+def positional_normal(
+    batch: int, event_shape: tuple[int, ...], *, key: int, rank: int = 0, world: int = 1,
+    device=None, dtype=torch.float32,
+) -> Tensor:
+    """Standard normal noise ``[batch, *event_shape]`` keyed by global position, for uneven shards.
+
+    Element ``e`` of the example at global position ``p = rank + world * j`` is a function of
+    ``(key, p, e)`` only: Box-Muller on two uniforms taken from the top 53 bits of SplitMix64 outputs.
+    """
+    n = math.prod(event_shape)
+    position = rank + world * torch.arange(batch, device=device, dtype=torch.int64)
+    counter = (position * (2 * n))[:, None] + torch.arange(2 * n, device=device, dtype=torch.int64)
+    bits = _splitmix((counter + 1) * _GOLDEN + key)
+    uniform = (_shr(bits, 11).to(torch.float64) + 0.5) / float(1 << 53)  # in (0, 1), never 0
+    u1, u2 = uniform[:, :n], uniform[:, n:]
+    normal = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+    return normal.to(dtype).reshape(batch, *event_shape)

@@ -1,0 +1,259 @@
+"""Variational and importance-weighted auto-encoders (one class: the IWAE is the VAE with ``k > 1``).
+
+Model: p(z) = N(0, I), p(x | z) a Bernoulli or Gaussian decoder, q(z | x) a diagonal or full-covariance
+Gaussian encoder. Importance weights w_j = p(x, z_j) / q(z_j | x), z_j ~ q(z | x).
+
+* ELBO (seed 001, "VAE loss"): L_1(x) = E_q[log p(x | z)] - KL(q(z | x) || p(z)), the KL in closed form
+  through ``torch.distributions`` (seed 004 for full covariance).
+* Importance-weighted bound (seed 003; Burda, Grosse & Salakhutdinov, 2016):
+  L_k(x) = E[log (1/k) Σ_j w_j], with L_1 <= L_k <= L_{k+1} <= log p(x).
+* Gradients: ``estimator="reparam"`` differentiates through z = μ + L ε; ``"score"`` uses REINFORCE with
+  a moving-average baseline (seed 001), for comparison or for decoders that cannot be differentiated in z.
+* Linear-Gaussian model (``decoder="linear"``, ``likelihood="gaussian"``): p(x | z) = N(W z + b, diag s²)
+  has the exact marginal p(x) = N(b, W Wᵀ + diag s²), offered as :meth:`VAE.log_prob` so every bound can be
+  checked against the truth.
+
+All values are in nats per example.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.distributions import Bernoulli, Distribution, Independent, MultivariateNormal, Normal, kl_divergence
+from torchmetrics import MeanMetric
+
+from zoo.gaussian import GaussianHead, check_covariance, reparameterize, standard_normal
+from zoo.gradients import MovingAverageBaseline, score_function_surrogate
+from zoo.nets import conv_decoder, conv_encoder, is_28x28_image, mlp, numel
+from zoo.noise import global_normal, mix_key, positional_normal, shard_of
+
+Architecture = Literal["mlp", "conv", "linear"]
+_TRAIN_STREAM, _ELBO_STREAM, _IWAE_STREAM = 0, 1, 2
+
+
+def log_mean_exp(log_w: Tensor, dim: int = 0) -> Tensor:
+    """log (1/k) Σ_j exp(log_w_j) along ``dim``, stable for any magnitude (RELIABILITY.md #24)."""
+    return torch.logsumexp(log_w, dim=dim) - math.log(log_w.shape[dim])
+
+
+class VAE(L.LightningModule):
+    """VAE / IWAE on any data with a ``shape``.
+
+    Args:
+        shape: shape of one example, linked from the datamodule by the CLI, e.g. ``(1, 8, 8)``.
+        latent_dim: dimension of z.
+        decoder: ``"mlp"``; ``"conv"`` (DCGAN-style, for (C, 28, 28) images); ``"linear"`` (x = W z + b,
+            the linear-Gaussian model with ``likelihood="gaussian"``). The encoder uses the same kind.
+        likelihood: ``"bernoulli"`` (data in [0, 1], logits decoder) or ``"gaussian"`` (learned
+            per-dimension scale).
+        posterior: ``"diagonal"`` or ``"full"`` covariance (Cholesky factor) for q(z | x).
+        k: importance samples per example in training; ``k > 1`` trains the IWAE bound L_k.
+        estimator: ``"reparam"`` or ``"score"`` (REINFORCE with a moving-average baseline).
+        hidden: widths of the MLP hidden layers.
+        lr: Adam learning rate.
+        eval_k: importance samples for the ``val/iwae`` and ``test/iwae`` likelihood estimate.
+        seed: seed of the training and evaluation noise (see :mod:`zoo.noise`).
+
+    Example:
+        >>> model = VAE(shape=(2,), latent_dim=2, decoder="linear", likelihood="gaussian")
+        >>> x = torch.randn(5, 2)
+        >>> model.elbo(x).shape, model.log_importance_weights(x, k=10).shape
+        (torch.Size([5]), torch.Size([10, 5]))
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        latent_dim: int = 16,
+        decoder: Architecture = "mlp",
+        likelihood: Literal["bernoulli", "gaussian"] = "bernoulli",
+        posterior: Literal["diagonal", "full"] = "diagonal",
+        k: int = 1,
+        estimator: Literal["reparam", "score"] = "reparam",
+        hidden: Sequence[int] = (256, 256),
+        lr: float = 1e-3,
+        eval_k: int = 100,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        shape = tuple(int(s) for s in shape)
+        _check_arguments(shape, latent_dim, decoder, likelihood, posterior, k, estimator, lr, eval_k)
+        self.save_hyperparameters()
+        self.shape, self.latent_dim, self.k, self.estimator = shape, latent_dim, k, estimator
+        self.likelihood, self.posterior_kind, self.decoder_kind = likelihood, posterior, decoder
+        self.lr, self.eval_k, self.seed = lr, eval_k, seed
+        dim_x, hidden = numel(shape), tuple(hidden)
+
+        if decoder == "conv":
+            self.encoder = conv_encoder(shape, hidden[-1])
+            self.decoder = conv_decoder(latent_dim, shape)
+            features = hidden[-1]
+        elif decoder == "mlp":
+            self.encoder = nn.Sequential(nn.Flatten(), mlp(dim_x, hidden[:-1], hidden[-1]), nn.ReLU())
+            self.decoder = mlp(latent_dim, hidden[::-1], dim_x)
+            features = hidden[-1]
+        else:  # linear
+            self.encoder = nn.Flatten()
+            self.decoder = nn.Linear(latent_dim, dim_x)
+            features = dim_x
+        self.posterior_head = GaussianHead(features, latent_dim, posterior)
+        if likelihood == "gaussian":
+            self.log_scale = nn.Parameter(torch.zeros(dim_x))
+        self.baseline = MovingAverageBaseline() if estimator == "score" else None
+        self.val_elbo, self.val_iwae = MeanMetric(), MeanMetric()
+        self.test_elbo, self.test_iwae = MeanMetric(), MeanMetric()
+
+    # -- the model ------------------------------------------------------------------------------------
+
+    def posterior(self, x: Tensor) -> Distribution:
+        """q(z | x), batch shape ``[B]``, event ``[latent_dim]``."""
+        return self.posterior_head(self.encoder(x))
+
+    def prior(self, like: Tensor) -> Distribution:
+        return standard_normal(self.latent_dim, self.posterior_kind, like)
+
+    def observation(self, z: Tensor) -> Distribution:
+        """p(x | z) for ``z [..., latent_dim]``: batch shape ``[...]``, event shape ``self.shape``."""
+        out = self.decoder(z.reshape(-1, self.latent_dim)).reshape(*z.shape[:-1], *self.shape)
+        if self.likelihood == "bernoulli":
+            # validate_args=False: grey-level data in [0, 1] is scored by the same cross-entropy.
+            return Independent(Bernoulli(logits=out, validate_args=False), len(self.shape))
+        scale = self.log_scale.exp().reshape(self.shape)
+        return Independent(Normal(out, scale), len(self.shape))
+
+    def _log_weights(self, x: Tensor, eps: Tensor, q: Distribution | None = None) -> Tensor:
+        """log w_j = log p(x | z_j) + log p(z_j) - log q(z_j | x) for z_j = μ + L ε_j; ``eps [k, B, d]``.
+
+        With ``estimator="score"`` z is detached, so gradients reach φ only through log q's parameters.
+        """
+        q = self.posterior(x) if q is None else q
+        z = reparameterize(q, eps)
+        if self.estimator == "score":
+            z = z.detach()
+        log_px_z = self.observation(z).log_prob(x.unsqueeze(0))  # [k, B]
+        return log_px_z + self.prior(z).log_prob(z) - q.log_prob(z)
+
+    def _elbo(self, x: Tensor, eps: Tensor) -> Tensor:
+        """L_1 with the KL in closed form and the reconstruction term averaged over ``eps [k, B, d]``."""
+        q = self.posterior(x)
+        z = reparameterize(q, eps)
+        reconstruction = self.observation(z).log_prob(x.unsqueeze(0)).mean(0)
+        return reconstruction - kl_divergence(q, self.prior(x))
+
+    # -- public API (the latent-variable-model capability) ----------------------------------------------
+
+    def _noise(self, k: int, batch: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
+        return torch.randn(k, batch, self.latent_dim, generator=generator, device=like.device, dtype=like.dtype)
+
+    def elbo(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Single-sample ELBO estimate per example, ``Tensor[B]`` in nats."""
+        return self._elbo(x, self._noise(1, x.shape[0], x, generator))
+
+    def log_importance_weights(self, x: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """log p(x, z_j) - log q(z_j | x) for k fresh z_j ~ q(z | x): ``Tensor[k, B]``."""
+        return self._log_weights(x, self._noise(k, x.shape[0], x, generator))
+
+    def iwae_bound(self, x: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """One-draw estimate of L_k per example, ``Tensor[B]``."""
+        return log_mean_exp(self.log_importance_weights(x, k, generator), dim=0)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, mean: bool = False) -> Tensor:
+        """``n`` draws x ~ p(x | z), z ~ p(z); ``mean=True`` returns E[x | z] (nicer image grids)."""
+        z = torch.randn(n, self.latent_dim, generator=generator, device=self.device, dtype=self.dtype)
+        p = self.observation(z)
+        if mean:
+            return p.mean
+        if self.likelihood == "bernoulli":
+            return torch.bernoulli(p.mean, generator=generator)
+        return p.mean + p.stddev * torch.randn(p.mean.shape, generator=generator, device=z.device, dtype=z.dtype)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Exact log p(x) = log N(x; b, W Wᵀ + diag s²) of the linear-Gaussian model, ``Tensor[B]``."""
+        if self.decoder_kind != "linear" or self.likelihood != "gaussian":
+            raise NotImplementedError(
+                "VAE.log_prob is exact only for decoder='linear', likelihood='gaussian'; this model has "
+                f"decoder={self.decoder_kind!r}, likelihood={self.likelihood!r}. Estimate it with "
+                "iwae_bound(x, k) or callbacks.elbo_gap.iwae_log_likelihood."
+            )
+        w, b = self.decoder.weight, self.decoder.bias  # [D, d], [D]
+        covariance = w @ w.T + torch.diag(self.log_scale.exp() ** 2)
+        return MultivariateNormal(b, covariance_matrix=covariance).log_prob(x.flatten(1))
+
+    # -- training ---------------------------------------------------------------------------------------
+
+    def training_loss(self, batch: Tensor) -> Tensor:
+        """-L_k averaged over the batch, with this step's noise (the single-objective capability)."""
+        x = batch
+        rank, world = shard_of(self)
+        key = mix_key(self.seed, _TRAIN_STREAM, self.global_step)
+        eps = global_normal(x.shape[0], (self.k, self.latent_dim), key=key, rank=rank, world=world,
+                            device=x.device, dtype=x.dtype).transpose(0, 1)  # [k, B, d]
+        if self.estimator == "reparam":
+            bound = self._elbo(x, eps) if self.k == 1 else log_mean_exp(self._log_weights(x, eps))
+            return -bound.mean()
+        q = self.posterior(x)
+        bound = log_mean_exp(self._log_weights(x, eps, q))  # [B]; gradient to θ and through log q's φ
+        z = reparameterize(q, eps).detach()
+        surrogate = score_function_surrogate(bound, q.log_prob(z).sum(0), self.baseline.value)
+        batch_mean = bound.detach().mean()
+        if self._trainer is not None:
+            batch_mean = self.trainer.strategy.reduce(batch_mean, reduce_op="mean")
+        self.baseline.update(batch_mean)
+        return -(bound + surrogate).mean()
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        loss = self.training_loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _evaluate(self, x: Tensor, batch_idx: int, elbo_metric: MeanMetric, iwae_metric: MeanMetric) -> None:
+        rank, world = shard_of(self)
+        shared = dict(rank=rank, world=world, device=x.device, dtype=x.dtype)
+        eps1 = positional_normal(x.shape[0], (1, self.latent_dim),
+                                 key=mix_key(self.seed, _ELBO_STREAM, batch_idx), **shared)
+        epsk = positional_normal(x.shape[0], (self.eval_k, self.latent_dim),
+                                 key=mix_key(self.seed, _IWAE_STREAM, batch_idx), **shared)
+        elbo_metric.update(self._elbo(x, eps1.transpose(0, 1)))
+        iwae_metric.update(log_mean_exp(self._log_weights(x, epsk.transpose(0, 1))))
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, self.val_elbo, self.val_iwae)
+        self.log("val/elbo", self.val_elbo, prog_bar=True)
+        self.log("val/iwae", self.val_iwae)
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, self.test_elbo, self.test_iwae)
+        self.log("test/elbo", self.test_elbo)
+        self.log("test/iwae", self.test_iwae)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def _check_arguments(shape, latent_dim, decoder, likelihood, posterior, k, estimator, lr, eval_k) -> None:
+    if not shape or any(s <= 0 for s in shape):
+        raise ValueError(f"shape must be a non-empty tuple of positive sizes; got {shape}")
+    if decoder not in ("mlp", "conv", "linear"):
+        raise ValueError(f"decoder must be 'mlp', 'conv' or 'linear'; got {decoder!r}")
+    if decoder == "conv" and not is_28x28_image(shape):
+        raise ValueError(
+            f"decoder='conv' needs images of shape (C, 28, 28); got shape={shape}. "
+            "Use decoder='mlp' for other shapes."
+        )
+    if likelihood not in ("bernoulli", "gaussian"):
+        raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian'; got {likelihood!r}")
+    check_covariance(posterior)
+    if estimator not in ("reparam", "score"):
+        raise ValueError(f"estimator must be 'reparam' or 'score'; got {estimator!r}")
+    for name, value in (("latent_dim", latent_dim), ("k", k), ("eval_k", eval_k)):
+        if value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value}")
+    if lr <= 0:
+        raise ValueError(f"lr must be positive; got {lr}")
