@@ -15,7 +15,7 @@ from torch.distributions import Distribution, Independent, MultivariateNormal, N
 from torch.nn.functional import softplus
 
 Covariance = Literal["diagonal", "full"]
-_MIN_SCALE = 1e-4
+MIN_SCALE = 1e-4
 
 
 def check_covariance(covariance: str) -> None:
@@ -43,8 +43,8 @@ class GaussianHead(nn.Module):
         out = self.linear(features)
         loc, raw = out[..., : self.dim], out[..., self.dim :]
         if self.covariance == "diagonal":
-            return Independent(Normal(loc, softplus(raw) + _MIN_SCALE), 1)
-        diag = softplus(raw[..., : self.dim]) + _MIN_SCALE
+            return Independent(Normal(loc, softplus(raw) + MIN_SCALE), 1)
+        diag = softplus(raw[..., : self.dim]) + MIN_SCALE
         scale_tril = torch.diag_embed(diag)
         scale_tril[..., self._tril[0], self._tril[1]] = raw[..., self.dim :]
         return MultivariateNormal(loc, scale_tril=scale_tril)

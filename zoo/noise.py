@@ -45,11 +45,15 @@ def _splitmix(x: Tensor) -> Tensor:
 
 
 def mix_key(*parts: int) -> int:
-    """Combine integers (seed, step, stream, ...) into one 63-bit key."""
-    h = torch.tensor(0, dtype=torch.int64)
+    """Combine integers (seed, step, stream, ...) into one 63-bit key (SplitMix64 in Python ints)."""
+    m64 = (1 << 64) - 1
+    h = 0
     for part in parts:
-        h = _splitmix(h + int(part) * _GOLDEN + _GOLDEN)
-    return int(h) & _MASK63
+        h = (h + (int(part) + 1) * 0x9E3779B97F4A7C15) & m64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & m64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & m64
+        h ^= h >> 31
+    return h & _MASK63
 
 
 def shard_of(module) -> tuple[int, int]:
