@@ -15,12 +15,13 @@ import os
 import sys
 
 import lightning as L
+from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer import Trainer
 
-import datamodules  # noqa: F401  (registers the datamodules' class names)
-import zoo  # noqa: F401  (registers the models' class names)
+import datamodules  # registers the datamodules' class names
+import zoo  # registers the models' class names
 from callbacks.run import run_dir
 from callbacks.summary import RunSummary
 
@@ -47,12 +48,40 @@ class RunConfig(SaveConfigCallback):
             trainer.logger.experiment.config.update({"cli": self.config.as_dict()}, allow_val_change=True)
 
 
+def available(package, base: type) -> list[str]:
+    """Public classes of ``package`` that are concrete subclasses of ``base``: the names the CLI takes."""
+    names = []
+    for name in getattr(package, "__all__", ()):
+        obj = getattr(package, name)
+        if isinstance(obj, type) and issubclass(obj, base) and obj.__module__ != "datamodules.base":
+            names.append(name)
+    return sorted(names)
+
+
+class GenZooParser(LightningArgumentParser):
+    """Adds the names that would have worked to errors about ``--model`` and ``--data``."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        hints = {
+            '"model"': ("models", available(zoo, L.LightningModule)),
+            '"data"': ("data", available(datamodules, L.LightningDataModule)),
+        }
+        for key, (what, names) in hints.items():
+            if f"Parser key {key}" in message and "import path" in message:
+                message += (
+                    f"\nAvailable {what}: {', '.join(names)} "
+                    "(or any importable class as package.module.ClassName)"
+                )
+        return super().error(message, ex)
+
+
 class GenZooCLI(LightningCLI):
     """LightningCLI with genzoo's defaults: registered families and data by name, shape linked, W&B."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", RunConfig)
-        trainer_defaults = {"logger": default_logger(), "default_root_dir": RUNS_DIR}
+        kwargs.setdefault("parser_class", GenZooParser)
+        trainer_defaults = {"logger": default_logger(), "default_root_dir": RUNS_DIR, "log_every_n_steps": 10}
         trainer_defaults.update(kwargs.pop("trainer_defaults", None) or {})
         super().__init__(
             L.LightningModule,
@@ -69,9 +98,7 @@ class GenZooCLI(LightningCLI):
         parser.add_lightning_class_args(RunSummary, "summary")
 
 
-def default_logger():
-    from lightning.pytorch.cli import lazy_instance
-
+def default_logger() -> WandbLogger:
     return lazy_instance(WandbLogger, project="genzoo", save_dir=RUNS_DIR, offline=wandb_offline())
 
 
