@@ -25,7 +25,9 @@ def image_grid(images: Tensor, min_size: int = 256) -> Image.Image:
     pixels = images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     for i in range(n):
         r, col = divmod(i, cols)
-        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = pixels[i]
+        canvas[
+            pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w
+        ] = pixels[i]
     array = (canvas * 255).round().astype(np.uint8)
     image = Image.fromarray(array[..., 0] if c == 1 else array)
     scale = max(1, math.ceil(min_size / max(image.size)))
@@ -95,7 +97,11 @@ class SampleGrid(Callback):
             picture = image_grid(x)
         elif x.dim() == 2 and x.shape[1] == 2:
             data_sampler = getattr(trainer.datamodule, "sample", None)
-            reference = data_sampler(2000, generator=torch.Generator().manual_seed(self.seed)) if data_sampler else None
+            reference = (
+                data_sampler(2000, generator=torch.Generator().manual_seed(self.seed))
+                if data_sampler
+                else None
+            )
             picture = scatter_plot(x, reference, title)
         else:
             return None  # nothing to draw for other shapes

@@ -27,9 +27,8 @@ class RunSummary(Callback):
 
     def render(self, trainer: Trainer) -> str:
         elapsed = time.monotonic() - self._started
-        lines = [
-            f"genzoo: fit finished: {trainer.current_epoch} epochs, {trainer.global_step} steps, {elapsed:.0f} s"
-        ]
+        epochs, steps = trainer.current_epoch, trainer.global_step
+        lines = [f"genzoo: fit finished: {epochs} epochs, {steps} steps, {elapsed:.0f} s"]
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(self.prefix)}
         width = max([len(k) for k in metrics] + [8])
         for name, value in sorted(metrics.items()):

@@ -25,7 +25,9 @@ def test_there_are_configs() -> None:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_every_config_runs_fast_dev_run(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_config_runs_fast_dev_run(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     text = config.read_text()
     if "shared/data" in text and not (ROOT.parent / "shared" / "data" / "mnist").exists():
         pytest.skip("../shared/data/mnist is absent")
@@ -33,28 +35,51 @@ def test_every_config_runs_fast_dev_run(config: Path, tmp_path: Path, monkeypatc
     args = ["fit", "-c", str(config), "--trainer.fast_dev_run=true", *QUIET]
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    cli = main(args + [f"--trainer.default_root_dir={tmp_path}"])
+    cli = main([*args, f"--trainer.default_root_dir={tmp_path}"])
     assert cli.trainer.state.finished
     assert cli.trainer.global_step >= 1
 
 
 def test_model_and_data_by_name_with_shape_linked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cli = run(["fit", "--model=VAE", "--data=Digits", "--trainer.fast_dev_run=true", *QUIET], tmp_path, monkeypatch)
+    cli = run(
+        ["fit", "--model=VAE", "--data=Digits", "--trainer.fast_dev_run=true", *QUIET], tmp_path, monkeypatch
+    )
     assert cli.model.shape == (1, 8, 8) == tuple(cli.datamodule.shape)
-    cli = run(["fit", "--model=VAE", "--data=Toy2D", "--data.name=moons", "--trainer.fast_dev_run=true", *QUIET],
-              tmp_path, monkeypatch)
+    cli = run(
+        ["fit", "--model=VAE", "--data=Toy2D", "--data.name=moons", "--trainer.fast_dev_run=true", *QUIET],
+        tmp_path,
+        monkeypatch,
+    )
     assert cli.model.shape == (2,)
 
 
 def test_class_path_from_another_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cli = run(["fit", "--model=zoo.vae.VAE", "--model.latent_dim=3", "--data=datamodules.Digits",
-               "--trainer.fast_dev_run=true", *QUIET], tmp_path, monkeypatch)
+    cli = run(
+        [
+            "fit",
+            "--model=zoo.vae.VAE",
+            "--model.latent_dim=3",
+            "--data=datamodules.Digits",
+            "--trainer.fast_dev_run=true",
+            *QUIET,
+        ],
+        tmp_path,
+        monkeypatch,
+    )
     assert cli.model.latent_dim == 3
 
 
 def test_csv_logger_run_saves_config_and_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    args = ["fit", "--model=VAE", "--model.hidden=[32]", "--data=Digits", "--trainer.max_epochs=1",
-            "--trainer.logger=CSVLogger", "--trainer.logger.save_dir=logs", *QUIET]
+    args = [
+        "fit",
+        "--model=VAE",
+        "--model.hidden=[32]",
+        "--data=Digits",
+        "--trainer.max_epochs=1",
+        "--trainer.logger=CSVLogger",
+        "--trainer.logger.save_dir=logs",
+        *QUIET,
+    ]
     cli = run(args, tmp_path, monkeypatch)
     log_dir = Path(cli.trainer.logger.log_dir)
     saved = yaml.safe_load((log_dir / "config.yaml").read_text())
@@ -69,7 +94,9 @@ def test_default_logger_is_offline_wandb(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cli = main(["fit", "--model=VAE", "--model.hidden=[32]", "--data=Digits", "--trainer.max_epochs=1", *QUIET])
+    cli = main(
+        ["fit", "--model=VAE", "--model.hidden=[32]", "--data=Digits", "--trainer.max_epochs=1", *QUIET]
+    )
     cli.trainer.logger.experiment.finish()
     runs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -83,7 +110,10 @@ def test_default_logger_is_offline_wandb(tmp_path: Path, monkeypatch: pytest.Mon
     [
         (["--model=NoSuchModel", "--data=Digits"], ["NoSuchModel", "VAE"]),
         (["--model=VAE", "--data=NoSuchData"], ["NoSuchData", "Digits", "Toy2D"]),
-        (["--model=VAE", "--model.decoder=transformer", "--data=Digits"], ["transformer", "mlp", "conv", "linear"]),
+        (
+            ["--model=VAE", "--model.decoder=transformer", "--data=Digits"],
+            ["transformer", "mlp", "conv", "linear"],
+        ),
         (["--model=VAE", "--model.latent_dim=two", "--data=Digits"], ["latent_dim", "two"]),
         (["--model=VAE", "--data=Toy2D", "--data.name=spiral"], ["spiral", "8gaussians"]),
     ],
@@ -101,6 +131,11 @@ def test_bad_input_fails_before_running_and_names_the_choices(
 
 
 def test_shape_that_cannot_work_names_the_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ValueError, match=r"decoder='conv' needs images of shape \(C, 28, 28\); got shape=\(1, 8, 8\)"):
-        run(["fit", "--model=VAE", "--model.decoder=conv", "--data=Digits", "--trainer.fast_dev_run=true"],
-            tmp_path, monkeypatch)
+    with pytest.raises(
+        ValueError, match=r"decoder='conv' needs images of shape \(C, 28, 28\); got shape=\(1, 8, 8\)"
+    ):
+        run(
+            ["fit", "--model=VAE", "--model.decoder=conv", "--data=Digits", "--trainer.fast_dev_run=true"],
+            tmp_path,
+            monkeypatch,
+        )

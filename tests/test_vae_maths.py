@@ -19,7 +19,9 @@ def linear_gaussian(posterior: str, inflate: float = 1.0, seed: int = 0) -> VAE:
     """A linear-Gaussian VAE whose linear encoder is set to the exact posterior mean map, with the
     posterior covariance inflated by ``inflate`` (diagonal: only its diagonal is kept)."""
     torch.manual_seed(seed)
-    model = VAE(shape=(D,), latent_dim=d, decoder="linear", likelihood="gaussian", posterior=posterior).double()
+    model = VAE(
+        shape=(D,), latent_dim=d, decoder="linear", likelihood="gaussian", posterior=posterior
+    ).double()
     with torch.no_grad():
         model.log_scale.copy_(torch.linspace(-0.7, 0.2, D, dtype=torch.float64))
         W, psi_inv = model.decoder.weight, torch.diag(model.log_scale.exp() ** -2)
@@ -60,7 +62,9 @@ def test_iwae_bounds_are_ordered_and_converge_to_log_px() -> None:
     with torch.no_grad():
         means, errors = {}, {}
         for k in (1, 5, 50):
-            draws = log_mean_exp(model.log_importance_weights(x.repeat(4000, 1), k, generator), 0).view(4000, -1)
+            draws = log_mean_exp(model.log_importance_weights(x.repeat(4000, 1), k, generator), 0).view(
+                4000, -1
+            )
             means[k], errors[k] = draws.mean(0), draws.std(0) / math.sqrt(4000)
         assert (log_px - means[1]).mean() > 0.05, "the test needs a posterior with a visible gap"
         for small, large in ((1, 5), (5, 50)):
@@ -76,7 +80,9 @@ def kl_seed_004(mu1, s1, mu2, s2) -> torch.Tensor:
     written out with explicit inverses and determinants (seed 004)."""
     s2_inv, diff = torch.linalg.inv(s2), mu2 - mu1
     k = mu1.shape[-1]
-    return 0.5 * (torch.trace(s2_inv @ s1) + diff @ s2_inv @ diff - k + torch.log(torch.det(s2) / torch.det(s1)))
+    return 0.5 * (
+        torch.trace(s2_inv @ s1) + diff @ s2_inv @ diff - k + torch.log(torch.det(s2) / torch.det(s1))
+    )
 
 
 def random_spd(k: int, generator: torch.Generator) -> torch.Tensor:
@@ -87,7 +93,10 @@ def random_spd(k: int, generator: torch.Generator) -> torch.Tensor:
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_full_covariance_kl_matches_seed_004_and_monte_carlo(k: int) -> None:
     g = torch.Generator().manual_seed(k)
-    mu1, mu2 = torch.randn(k, generator=g, dtype=torch.float64), torch.randn(k, generator=g, dtype=torch.float64)
+    mu1, mu2 = (
+        torch.randn(k, generator=g, dtype=torch.float64),
+        torch.randn(k, generator=g, dtype=torch.float64),
+    )
     s1, s2 = random_spd(k, g), random_spd(k, g)
     p, q = MultivariateNormal(mu1, s1), MultivariateNormal(mu2, s2)
     library = kl_divergence(p, q)
@@ -105,11 +114,17 @@ def test_posterior_head_kl_to_prior_matches_seed_004() -> None:
     head = GaussianHead(5, 3, "full").double()
     q = head(torch.randn(4, 5, dtype=torch.float64))
     prior = standard_normal(3, "full", q.loc)
-    expected = torch.stack([
-        kl_seed_004(q.loc[i], q.covariance_matrix[i], torch.zeros(3, dtype=torch.float64),
-                    torch.eye(3, dtype=torch.float64))
-        for i in range(4)
-    ])
+    expected = torch.stack(
+        [
+            kl_seed_004(
+                q.loc[i],
+                q.covariance_matrix[i],
+                torch.zeros(3, dtype=torch.float64),
+                torch.eye(3, dtype=torch.float64),
+            )
+            for i in range(4)
+        ]
+    )
     torch.testing.assert_close(kl_divergence(q, prior), expected, atol=1e-10, rtol=1e-10)
 
 
@@ -120,8 +135,12 @@ def test_reparameterize_has_the_posterior_moments(covariance: str) -> None:
     q = head(torch.randn(1, 3, dtype=torch.float64))
     z = reparameterize(q, torch.randn(400_000, 1, 2, dtype=torch.float64))[:, 0]
     torch.testing.assert_close(z.mean(0), q.mean[0], atol=0.01, rtol=0)
-    torch.testing.assert_close(torch.cov(z.T), q.covariance_matrix[0] if covariance == "full"
-                               else torch.diag(q.variance[0]), atol=0.01, rtol=0.01)
+    torch.testing.assert_close(
+        torch.cov(z.T),
+        q.covariance_matrix[0] if covariance == "full" else torch.diag(q.variance[0]),
+        atol=0.01,
+        rtol=0.01,
+    )
 
 
 def test_score_and_reparam_training_gradients_agree_in_expectation() -> None:
@@ -130,8 +149,9 @@ def test_score_and_reparam_training_gradients_agree_in_expectation() -> None:
     x = x_batch(1).repeat(2000, 1)
     grads = {}
     for estimator in ("reparam", "score"):
-        model = VAE(shape=(D,), latent_dim=d, decoder="linear", likelihood="gaussian", k=3,
-                    estimator=estimator).double()
+        model = VAE(
+            shape=(D,), latent_dim=d, decoder="linear", likelihood="gaussian", k=3, estimator=estimator
+        ).double()
         model.load_state_dict(linear_gaussian("diagonal", inflate=1.5).state_dict(), strict=False)
         runs = []
         for seed in range(16):
@@ -143,4 +163,4 @@ def test_score_and_reparam_training_gradients_agree_in_expectation() -> None:
     mean_r, mean_s = grads["reparam"].mean(0), grads["score"].mean(0)
     se = (grads["reparam"].var(0) / 16 + grads["score"].var(0) / 16).sqrt()
     assert ((mean_r - mean_s).abs() <= 5 * se + 1e-6).all()
-    assert (grads["score"].var(0).sum() > grads["reparam"].var(0).sum())
+    assert grads["score"].var(0).sum() > grads["reparam"].var(0).sum()

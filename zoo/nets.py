@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import pairwise
 
 from torch import nn
 
@@ -16,7 +17,7 @@ def mlp(in_features: int, hidden: Sequence[int], out_features: int, activation=n
     """``in -> hidden[0] -> ... -> out`` with ``activation`` between layers (none after the last)."""
     sizes = [in_features, *hidden, out_features]
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(activation())

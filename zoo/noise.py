@@ -65,8 +65,14 @@ def shard_of(module) -> tuple[int, int]:
 
 
 def global_normal(
-    batch: int, event_shape: tuple[int, ...], *, key: int, rank: int = 0, world: int = 1,
-    device=None, dtype=torch.float32,
+    batch: int,
+    event_shape: tuple[int, ...],
+    *,
+    key: int,
+    rank: int = 0,
+    world: int = 1,
+    device=None,
+    dtype=torch.float32,
 ) -> Tensor:
     """Standard normal noise ``[batch, *event_shape]`` for this rank's rows of a global batch.
 
@@ -80,8 +86,14 @@ def global_normal(
 
 
 def positional_normal(
-    batch: int, event_shape: tuple[int, ...], *, key: int, rank: int = 0, world: int = 1,
-    device=None, dtype=torch.float32,
+    batch: int,
+    event_shape: tuple[int, ...],
+    *,
+    key: int,
+    rank: int = 0,
+    world: int = 1,
+    device=None,
+    dtype=torch.float32,
 ) -> Tensor:
     """Standard normal noise ``[batch, *event_shape]`` keyed by global position, for uneven shards.
 

@@ -25,7 +25,14 @@ from typing import Literal
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.distributions import Bernoulli, Distribution, Independent, MultivariateNormal, Normal, kl_divergence
+from torch.distributions import (
+    Bernoulli,
+    Distribution,
+    Independent,
+    MultivariateNormal,
+    Normal,
+    kl_divergence,
+)
 from torchmetrics import MeanMetric
 
 from zoo.gaussian import GaussianHead, check_covariance, reparameterize, standard_normal
@@ -149,7 +156,9 @@ class VAE(L.LightningModule):
     # -- public API (the latent-variable-model capability) ----------------------------------------------
 
     def _noise(self, k: int, batch: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
-        return torch.randn(k, batch, self.latent_dim, generator=generator, device=like.device, dtype=like.dtype)
+        return torch.randn(
+            k, batch, self.latent_dim, generator=generator, device=like.device, dtype=like.dtype
+        )
 
     def elbo(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Single-sample ELBO estimate per example, ``Tensor[B]`` in nats."""
@@ -172,7 +181,9 @@ class VAE(L.LightningModule):
             return p.mean
         if self.likelihood == "bernoulli":
             return torch.bernoulli(p.mean, generator=generator)
-        return p.mean + p.stddev * torch.randn(p.mean.shape, generator=generator, device=z.device, dtype=z.dtype)
+        return p.mean + p.stddev * torch.randn(
+            p.mean.shape, generator=generator, device=z.device, dtype=z.dtype
+        )
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact log p(x) = log N(x; b, W Wᵀ + diag s²) of the linear-Gaussian model, ``Tensor[B]``."""
@@ -193,8 +204,15 @@ class VAE(L.LightningModule):
         x = batch
         rank, world = shard_of(self)
         key = mix_key(self.seed, _TRAIN_STREAM, self.global_step)
-        eps = global_normal(x.shape[0], (self.k, self.latent_dim), key=key, rank=rank, world=world,
-                            device=x.device, dtype=x.dtype).transpose(0, 1)  # [k, B, d]
+        eps = global_normal(
+            x.shape[0],
+            (self.k, self.latent_dim),
+            key=key,
+            rank=rank,
+            world=world,
+            device=x.device,
+            dtype=x.dtype,
+        ).transpose(0, 1)  # [k, B, d]
         if self.estimator == "reparam":
             bound = self._elbo(x, eps) if self.k == 1 else log_mean_exp(self._log_weights(x, eps))
             return -bound.mean()
@@ -216,10 +234,15 @@ class VAE(L.LightningModule):
     def _evaluate(self, x: Tensor, batch_idx: int, elbo_metric: MeanMetric, iwae_metric: MeanMetric) -> None:
         rank, world = shard_of(self)
         shared = dict(rank=rank, world=world, device=x.device, dtype=x.dtype)
-        eps1 = positional_normal(x.shape[0], (1, self.latent_dim),
-                                 key=mix_key(self.seed, _ELBO_STREAM, batch_idx), **shared)
-        epsk = positional_normal(x.shape[0], (self.eval_k, self.latent_dim),
-                                 key=mix_key(self.seed, _IWAE_STREAM, batch_idx), **shared)
+        eps1 = positional_normal(
+            x.shape[0], (1, self.latent_dim), key=mix_key(self.seed, _ELBO_STREAM, batch_idx), **shared
+        )
+        epsk = positional_normal(
+            x.shape[0],
+            (self.eval_k, self.latent_dim),
+            key=mix_key(self.seed, _IWAE_STREAM, batch_idx),
+            **shared,
+        )
         elbo_metric.update(self._elbo(x, eps1.transpose(0, 1)))
         iwae_metric.update(log_mean_exp(self._log_weights(x, epsk.transpose(0, 1))))
 
