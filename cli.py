@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import os
-import sys
+import warnings
 
 import lightning as L
 from jsonargparse import lazy_instance
@@ -102,10 +102,18 @@ def default_logger() -> WandbLogger:
     return lazy_instance(WandbLogger, project="genzoo", save_dir=RUNS_DIR, offline=wandb_offline())
 
 
-def main(args: list[str] | None = None) -> GenZooCLI:
+def run(args: list[str] | None = None) -> GenZooCLI:
+    """Parse ``args`` (default: ``sys.argv[1:]``), run the subcommand and return the CLI object."""
+    # Lightning 2.6 + torch 2.13 warn about their own internals on every run; users can't act on it.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     os.makedirs(RUNS_DIR, exist_ok=True)
     return GenZooCLI(args=args)
 
 
+def main() -> None:
+    """The ``genzoo`` console script (returns nothing, so the process exits with status 0)."""
+    run()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli import main
+from cli import run as main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -29,6 +29,7 @@ def fit_through_cli(folder: Path, devices: int, *extra: str) -> tuple[list[dict]
         f"--trainer.strategy={'ddp' if devices > 1 else 'auto'}",
         "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false",
         "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={folder}",
+        "--trainer.callbacks=SampleGrid", "--trainer.callbacks.every_n_epochs=1",  # rank 0 draws, no hang
         *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONHASHSEED": "0"}
@@ -38,6 +39,7 @@ def fit_through_cli(folder: Path, devices: int, *extra: str) -> tuple[list[dict]
     with open(log_dir / "metrics.csv") as f:
         rows = [row for row in csv.DictReader(f) if row.get("val/elbo")]
     (checkpoint,) = (log_dir / "checkpoints").glob("*.ckpt")
+    assert len(list((log_dir / "samples").glob("*.png"))) == 2
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     return rows, state
 

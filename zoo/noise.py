@@ -64,6 +64,12 @@ def shard_of(module) -> tuple[int, int]:
     return trainer.global_rank, trainer.world_size
 
 
+def randn(shape, generator: torch.Generator | None = None, device=None, dtype=torch.float32) -> Tensor:
+    """``torch.randn`` drawn in float32 whatever ``dtype`` asks for, then cast: a float64 run sees the same
+    noise as a float32 one, so the two can be compared number for number."""
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+
+
 def global_normal(
     batch: int,
     event_shape: tuple[int, ...],
@@ -81,7 +87,7 @@ def global_normal(
     """
     generator = torch.Generator(device=device or "cpu")
     generator.manual_seed(key)
-    noise = torch.randn((batch * world, *event_shape), generator=generator, device=device, dtype=dtype)
+    noise = randn((batch * world, *event_shape), generator=generator, device=device, dtype=dtype)
     return noise[rank::world] if world > 1 else noise
 
 

@@ -38,7 +38,7 @@ from torchmetrics import MeanMetric
 from zoo.gaussian import GaussianHead, check_covariance, reparameterize, standard_normal
 from zoo.gradients import MovingAverageBaseline, score_function_surrogate
 from zoo.nets import conv_decoder, conv_encoder, is_28x28_image, mlp, numel
-from zoo.noise import global_normal, mix_key, positional_normal, shard_of
+from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of
 
 Architecture = Literal["mlp", "conv", "linear"]
 _TRAIN_STREAM, _ELBO_STREAM, _IWAE_STREAM = 0, 1, 2
@@ -156,9 +156,7 @@ class VAE(L.LightningModule):
     # -- public API (the latent-variable-model capability) ----------------------------------------------
 
     def _noise(self, k: int, batch: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
-        return torch.randn(
-            k, batch, self.latent_dim, generator=generator, device=like.device, dtype=like.dtype
-        )
+        return randn((k, batch, self.latent_dim), generator, device=like.device, dtype=like.dtype)
 
     def elbo(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Single-sample ELBO estimate per example, ``Tensor[B]`` in nats."""
@@ -175,15 +173,13 @@ class VAE(L.LightningModule):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, mean: bool = False) -> Tensor:
         """``n`` draws x ~ p(x | z), z ~ p(z); ``mean=True`` returns E[x | z] (nicer image grids)."""
-        z = torch.randn(n, self.latent_dim, generator=generator, device=self.device, dtype=self.dtype)
+        z = randn((n, self.latent_dim), generator, device=self.device, dtype=self.dtype)
         p = self.observation(z)
         if mean:
             return p.mean
         if self.likelihood == "bernoulli":
             return torch.bernoulli(p.mean, generator=generator)
-        return p.mean + p.stddev * torch.randn(
-            p.mean.shape, generator=generator, device=z.device, dtype=z.dtype
-        )
+        return p.mean + p.stddev * randn(p.mean.shape, generator, device=z.device, dtype=z.dtype)
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact log p(x) = log N(x; b, W Wᵀ + diag s²) of the linear-Gaussian model, ``Tensor[B]``."""
