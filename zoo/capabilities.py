@@ -9,7 +9,9 @@ capability           methods                                        used by
 ===================  =============================================  =====================================
 LatentVariableModel  ``log_importance_weights(x, k) -> [k, B]``,     ELBO-gap monitor, IWAE likelihoods
                      ``elbo(x) -> [B]``, ``sample(n)``
-DiscriminatedModel   ``discriminator(x) -> logits``, ``sample(n)``  divergence (JSD / KL) estimator
+DiscriminatedModel   ``discriminator(x) -> logits``, ``sample(n)``  divergence (JSD) estimator
+CriticModel          ``critic(x) -> T``, ``sample(n)``              divergence (KL bounds) estimator
+Game                 ``game(batch) -> [(loss_i, params_i), ...]``   eigenvalue tracker (game Jacobian)
 SingleObjective      ``training_loss(batch) -> scalar``             eigenvalue tracker (loss Hessian)
 Samplable            ``sample(n)``                                  sample grids, quality metrics
 ExactLikelihood      ``log_prob(x) -> [B]``                          checks of bounds against the truth
@@ -42,6 +44,25 @@ class DiscriminatedModel(Protocol):
     def discriminator(self, x: Tensor) -> Tensor: ...
 
     def sample(self, n: int, generator=None) -> Tensor: ...
+
+
+@runtime_checkable
+class CriticModel(Protocol):
+    """A critic T(x) of an f-divergence bound (f-GAN / NWJ / Donsker-Varadhan), in nats."""
+
+    def critic(self, x: Tensor) -> Tensor: ...
+
+    def sample(self, n: int, generator=None) -> Tensor: ...
+
+
+@runtime_checkable
+class Game(Protocol):
+    """A differentiable game: ``game(batch)`` returns one ``(loss_i, params_i)`` pair per player, where player
+    i MINIMISES ``loss_i`` over its parameters ``params_i`` (a list of tensors). The losses are built from the
+    module's current parameters with a graph, deterministic for a fixed batch (fixed noise), so callers can
+    differentiate them twice. The dynamics field is v = (-∇_{θ_i} L_i)_i (simultaneous gradient descent)."""
+
+    def game(self, batch) -> list[tuple[Tensor, list[Tensor]]]: ...
 
 
 @runtime_checkable
