@@ -9,7 +9,7 @@ import torch
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from zoo import VAE
-from zoo.gaussian import MIN_SCALE, GaussianHead, reparameterize, standard_normal
+from zoo.gaussian import MIN_SCALE, GaussianHead, kl_to_standard_normal, reparameterize, standard_normal
 from zoo.vae import log_mean_exp
 
 D, d = 4, 2
@@ -164,3 +164,24 @@ def test_score_and_reparam_training_gradients_agree_in_expectation() -> None:
     se = (grads["reparam"].var(0) / 16 + grads["score"].var(0) / 16).sqrt()
     assert ((mean_r - mean_s).abs() <= 5 * se + 1e-6).all()
     assert grads["score"].var(0).sum() > grads["reparam"].var(0).sum()
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_written_out_log_likelihood_equals_torch_distributions(likelihood: str) -> None:
+    torch.manual_seed(0)
+    model = VAE(shape=(1, 3, 3), latent_dim=2, hidden=(8,), likelihood=likelihood).double()
+    if likelihood == "gaussian":
+        with torch.no_grad():
+            model.log_scale.copy_(torch.linspace(-1, 1, 9, dtype=torch.float64))
+    x, z = torch.rand(5, 1, 3, 3, dtype=torch.float64), torch.randn(4, 5, 2, dtype=torch.float64)
+    torch.testing.assert_close(
+        model.log_likelihood(x, z), model.observation(z).log_prob(x), atol=1e-12, rtol=0
+    )
+
+
+def test_diagonal_kl_closed_form_equals_torch_distributions() -> None:
+    """Seed 001's 1/2 Σ (σ² + μ² - 1 - log σ²) against the library's KL for diagonal Gaussians."""
+    torch.manual_seed(0)
+    q = GaussianHead(3, 4, "diagonal").double()(torch.randn(6, 3, dtype=torch.float64))
+    prior = standard_normal(4, "diagonal", q.mean)
+    torch.testing.assert_close(kl_to_standard_normal(q), kl_divergence(q, prior), atol=1e-12, rtol=0)

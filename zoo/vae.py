@@ -31,11 +31,17 @@ from torch.distributions import (
     Independent,
     MultivariateNormal,
     Normal,
-    kl_divergence,
 )
+from torch.nn.functional import binary_cross_entropy_with_logits
 from torchmetrics import MeanMetric
 
-from zoo.gaussian import GaussianHead, check_covariance, reparameterize, standard_normal
+from zoo.gaussian import (
+    GaussianHead,
+    check_covariance,
+    kl_to_standard_normal,
+    reparameterize,
+    standard_normal,
+)
 from zoo.gradients import MovingAverageBaseline, score_function_surrogate
 from zoo.nets import conv_decoder, conv_encoder, is_28x28_image, mlp, numel
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of
@@ -125,14 +131,33 @@ class VAE(L.LightningModule):
     def prior(self, like: Tensor) -> Distribution:
         return standard_normal(self.latent_dim, self.posterior_kind, like)
 
+    def decode(self, z: Tensor) -> Tensor:
+        """The decoder's output for ``z [..., latent_dim]``: logits or means, ``[..., *shape]``."""
+        return self.decoder(z.reshape(-1, self.latent_dim)).reshape(*z.shape[:-1], *self.shape)
+
     def observation(self, z: Tensor) -> Distribution:
         """p(x | z) for ``z [..., latent_dim]``: batch shape ``[...]``, event shape ``self.shape``."""
-        out = self.decoder(z.reshape(-1, self.latent_dim)).reshape(*z.shape[:-1], *self.shape)
+        out, n = self.decode(z), len(self.shape)
         if self.likelihood == "bernoulli":
             # validate_args=False: grey-level data in [0, 1] is scored by the same cross-entropy.
-            return Independent(Bernoulli(logits=out, validate_args=False), len(self.shape))
+            return Independent(Bernoulli(logits=out, validate_args=False), n, validate_args=False)
         scale = self.log_scale.exp().reshape(self.shape)
-        return Independent(Normal(out, scale), len(self.shape))
+        return Independent(Normal(out, scale, validate_args=False), n, validate_args=False)
+
+    def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
+        """log p(x | z) summed over the data dimensions, ``[...]`` for ``z [..., latent_dim]``.
+
+        The closed form of ``observation(z).log_prob(x)`` (Bernoulli: -BCE with logits; Gaussian:
+        -((x - m)/s)²/2 - log s - log(2π)/2), written out because it runs every step; the tests check the two
+        agree.
+        """
+        out = self.decode(z)
+        if self.likelihood == "bernoulli":
+            log_p = -binary_cross_entropy_with_logits(out, x.expand_as(out), reduction="none")
+        else:
+            log_s = self.log_scale.reshape(self.shape)
+            log_p = -0.5 * ((x - out) * torch.exp(-log_s)) ** 2 - log_s - 0.5 * math.log(2 * math.pi)
+        return log_p.flatten(-len(self.shape)).sum(-1)
 
     def _log_weights(self, x: Tensor, eps: Tensor, q: Distribution | None = None) -> Tensor:
         """log w_j = log p(x | z_j) + log p(z_j) - log q(z_j | x) for z_j = μ + L ε_j; ``eps [k, B, d]``.
@@ -143,15 +168,13 @@ class VAE(L.LightningModule):
         z = reparameterize(q, eps)
         if self.estimator == "score":
             z = z.detach()
-        log_px_z = self.observation(z).log_prob(x.unsqueeze(0))  # [k, B]
-        return log_px_z + self.prior(z).log_prob(z) - q.log_prob(z)
+        return self.log_likelihood(x, z) + self.prior(z).log_prob(z) - q.log_prob(z)  # [k, B]
 
     def _elbo(self, x: Tensor, eps: Tensor) -> Tensor:
         """L_1 with the KL in closed form and the reconstruction term averaged over ``eps [k, B, d]``."""
         q = self.posterior(x)
         z = reparameterize(q, eps)
-        reconstruction = self.observation(z).log_prob(x.unsqueeze(0)).mean(0)
-        return reconstruction - kl_divergence(q, self.prior(x))
+        return self.log_likelihood(x, z).mean(0) - kl_to_standard_normal(q)
 
     # -- public API (the latent-variable-model capability) ----------------------------------------------
 
