@@ -139,3 +139,21 @@ def test_shape_that_cannot_work_names_the_value(tmp_path: Path, monkeypatch: pyt
             tmp_path,
             monkeypatch,
         )
+
+
+def test_tensorboard_logger_override_gets_config_and_pictures(tmp_path: Path, monkeypatch) -> None:
+    args = ["fit", "--model=VAE", "--model.hidden=[16]", "--data=Digits", "--trainer.max_epochs=1",
+            "--trainer.logger=TensorBoardLogger", "--trainer.logger.save_dir=tb",
+            "--trainer.callbacks=SampleGrid", "--trainer.callbacks.every_n_epochs=1", *QUIET]  # fmt: skip
+    cli = run(args, tmp_path, monkeypatch)
+    log_dir = Path(cli.trainer.logger.log_dir)
+    assert (log_dir / "config.yaml").exists()
+    assert list(log_dir.glob("events.out.tfevents.*"))
+    assert len(list((log_dir / "samples").glob("*.png"))) == 1
+
+
+def test_no_logger(tmp_path: Path, monkeypatch) -> None:
+    cli = run(["fit", "--model=VAE", "--model.hidden=[16]", "--data=Digits", "--trainer.max_epochs=1",
+               "--trainer.logger=false", *QUIET], tmp_path, monkeypatch)  # fmt: skip
+    assert cli.trainer.logger is None and "val/elbo" in cli.trainer.callback_metrics
+    assert not (tmp_path / "runs" / "wandb").exists()
