@@ -9,7 +9,7 @@ import torch
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from zoo import VAE
-from zoo.gaussian import MIN_SCALE, GaussianHead, kl_to_standard_normal, reparameterize, standard_normal
+from zoo.gaussian import MIN_SCALE, GaussianHead, standard_normal
 from zoo.vae import log_mean_exp
 
 D, d = 4, 2
@@ -112,7 +112,8 @@ def test_posterior_head_kl_to_prior_matches_seed_004() -> None:
     """The KL the VAE trains with (full posterior head vs its N(0, I) prior) is the seed 004 closed form."""
     torch.manual_seed(0)
     head = GaussianHead(5, 3, "full").double()
-    q = head(torch.randn(4, 5, dtype=torch.float64))
+    params = head(torch.randn(4, 5, dtype=torch.float64))
+    q = params.distribution()
     prior = standard_normal(3, "full", q.loc)
     expected = torch.stack(
         [
@@ -126,14 +127,16 @@ def test_posterior_head_kl_to_prior_matches_seed_004() -> None:
         ]
     )
     torch.testing.assert_close(kl_divergence(q, prior), expected, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(params.kl_to_standard_normal(), expected, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("covariance", ["diagonal", "full"])
 def test_reparameterize_has_the_posterior_moments(covariance: str) -> None:
     torch.manual_seed(0)
     head = GaussianHead(3, 2, covariance).double()
-    q = head(torch.randn(1, 3, dtype=torch.float64))
-    z = reparameterize(q, torch.randn(400_000, 1, 2, dtype=torch.float64))[:, 0]
+    params = head(torch.randn(1, 3, dtype=torch.float64))
+    q = params.distribution()
+    z = params.rsample(torch.randn(400_000, 1, 2, dtype=torch.float64))[:, 0]
     torch.testing.assert_close(z.mean(0), q.mean[0], atol=0.01, rtol=0)
     torch.testing.assert_close(
         torch.cov(z.T),
@@ -182,6 +185,7 @@ def test_written_out_log_likelihood_equals_torch_distributions(likelihood: str) 
 def test_diagonal_kl_closed_form_equals_torch_distributions() -> None:
     """Seed 001's 1/2 Σ (σ² + μ² - 1 - log σ²) against the library's KL for diagonal Gaussians."""
     torch.manual_seed(0)
-    q = GaussianHead(3, 4, "diagonal").double()(torch.randn(6, 3, dtype=torch.float64))
-    prior = standard_normal(4, "diagonal", q.mean)
-    torch.testing.assert_close(kl_to_standard_normal(q), kl_divergence(q, prior), atol=1e-12, rtol=0)
+    params = GaussianHead(3, 4, "diagonal").double()(torch.randn(6, 3, dtype=torch.float64))
+    prior = standard_normal(4, "diagonal", params.loc)
+    library = kl_divergence(params.distribution(), prior)
+    torch.testing.assert_close(params.kl_to_standard_normal(), library, atol=1e-12, rtol=0)

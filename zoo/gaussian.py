@@ -9,7 +9,7 @@ factors with a positive diagonal) and checking them costs ~2% of a small model's
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -25,11 +25,54 @@ def check_covariance(covariance: str) -> None:
         raise ValueError(f"posterior must be 'diagonal' or 'full'; got {covariance!r}")
 
 
-class GaussianHead(nn.Module):
-    """Features ``[..., in_features]`` -> a Gaussian over R^dim with batch shape ``[...]``.
+class Gaussian(NamedTuple):
+    """A Gaussian over R^d by its parameters: ``loc [..., d]`` and ``scale``, either σ ``[..., d]`` (diagonal
+    covariance diag σ²) or a lower-triangular Cholesky factor L ``[..., d, d]`` (full covariance L Lᵀ).
 
-    ``diagonal``: N(μ, diag σ²) as ``Independent(Normal)``, 2·dim outputs.
-    ``full``: N(μ, L Lᵀ) as ``MultivariateNormal(scale_tril=L)``, dim + dim(dim+1)/2 outputs.
+    The training step works on these tensors directly (building ``torch.distributions`` objects costs ~60 µs a
+    step, more than the rest of a small model's posterior); :meth:`distribution` gives the library object for
+    densities and for everything else.
+    """
+
+    loc: Tensor
+    scale: Tensor
+
+    @property
+    def is_full(self) -> bool:
+        return self.scale.dim() == self.loc.dim() + 1
+
+    def distribution(self) -> Distribution:
+        """``MultivariateNormal(scale_tril=L)`` or ``Independent(Normal(μ, σ), 1)`` (validation off: the
+        parameters are valid by construction)."""
+        if self.is_full:
+            return MultivariateNormal(self.loc, scale_tril=self.scale, validate_args=False)
+        return Independent(Normal(self.loc, self.scale, validate_args=False), 1, validate_args=False)
+
+    def rsample(self, eps: Tensor) -> Tensor:
+        """z = μ + L ε (seed 003) for standard-normal ``eps [*sample, *batch, d]``: what ``rsample`` would
+        return for that ε, with noise the caller controls (:mod:`zoo.noise`)."""
+        if self.is_full:
+            return self.loc + (self.scale @ eps.unsqueeze(-1)).squeeze(-1)
+        return self.loc + self.scale * eps
+
+    def kl_to_standard_normal(self) -> Tensor:
+        """KL(q || N(0, I)) per batch element.
+
+        Diagonal: the closed form 1/2 Σ_i (σ_i² + μ_i² - 1 - log σ_i²) (seed 001, "KL between diagonal
+        Gaussians"). Full covariance: ``torch.distributions``' ``kl_divergence``, i.e. seed 004's
+        1/2 (tr Σ + μᵀμ - d - log det Σ). Tests check both against the library and the seed's formula.
+        """
+        if self.is_full:
+            prior = standard_normal(self.loc.shape[-1], "full", self.loc)
+            return kl_divergence(self.distribution(), prior)
+        return 0.5 * (self.scale**2 + self.loc**2 - 1.0 - 2.0 * torch.log(self.scale)).sum(-1)
+
+
+class GaussianHead(nn.Module):
+    """Features ``[..., in_features]`` -> the :class:`Gaussian` q over R^dim with batch shape ``[...]``.
+
+    ``diagonal``: σ = softplus(·) + 1e-4, 2·dim outputs. ``full``: L with a softplus diagonal and a free
+    strictly-lower triangle, dim + dim(dim+1)/2 outputs.
     """
 
     def __init__(self, in_features: int, dim: int, covariance: Covariance = "diagonal") -> None:
@@ -41,17 +84,14 @@ class GaussianHead(nn.Module):
         if covariance == "full":
             self.register_buffer("_tril", torch.tril_indices(dim, dim, offset=-1), persistent=False)
 
-    def forward(self, features: Tensor) -> Distribution:
+    def forward(self, features: Tensor) -> Gaussian:
         out = self.linear(features)
         loc, raw = out[..., : self.dim], out[..., self.dim :]
         if self.covariance == "diagonal":
-            return Independent(
-                Normal(loc, softplus(raw) + MIN_SCALE, validate_args=False), 1, validate_args=False
-            )
-        diag = softplus(raw[..., : self.dim]) + MIN_SCALE
-        scale_tril = torch.diag_embed(diag)
+            return Gaussian(loc, softplus(raw) + MIN_SCALE)
+        scale_tril = torch.diag_embed(softplus(raw[..., : self.dim]) + MIN_SCALE)
         scale_tril[..., self._tril[0], self._tril[1]] = raw[..., self.dim :]
-        return MultivariateNormal(loc, scale_tril=scale_tril, validate_args=False)
+        return Gaussian(loc, scale_tril)
 
 
 def standard_normal(dim: int, covariance: Covariance, like: Tensor) -> Distribution:
@@ -61,30 +101,3 @@ def standard_normal(dim: int, covariance: Covariance, like: Tensor) -> Distribut
         return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1, validate_args=False)
     eye = torch.eye(dim, dtype=like.dtype, device=like.device)
     return MultivariateNormal(zeros, scale_tril=eye, validate_args=False)
-
-
-def kl_to_standard_normal(q: Distribution) -> Tensor:
-    """KL(q || N(0, I)) per batch element.
-
-    Diagonal q: the closed form 1/2 Σ_i (σ_i² + μ_i² - 1 - log σ_i²) (seed 001, "KL between diagonal
-    Gaussians"), written out because it runs every training step. Full covariance: ``torch.distributions``'
-    ``kl_divergence``, i.e. seed 004's 1/2 (tr Σ + μᵀμ - d - log det Σ). Tests check both against the library
-    and the seed's formula.
-    """
-    if isinstance(q, MultivariateNormal):
-        return kl_divergence(q, standard_normal(q.loc.shape[-1], "full", q.loc))
-    loc, scale = q.base_dist.loc, q.base_dist.scale
-    return 0.5 * (scale**2 + loc**2 - 1.0 - 2.0 * torch.log(scale)).sum(-1)
-
-
-def reparameterize(q: Distribution, eps: Tensor) -> Tensor:
-    """z = μ + L ε for the Gaussians of :class:`GaussianHead`; ``eps`` is ``[*sample, *batch, dim]``.
-
-    Same result as ``q.rsample`` would give for that ε, but with noise the caller controls (see
-    :mod:`zoo.noise`).
-    """
-    if isinstance(q, MultivariateNormal):
-        return q.loc + (q.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
-    if isinstance(q, Independent) and isinstance(q.base_dist, Normal):
-        return q.base_dist.loc + q.base_dist.scale * eps
-    raise TypeError(f"reparameterize supports diagonal or full Gaussians, got {type(q).__name__}")

@@ -35,13 +35,7 @@ from torch.distributions import (
 from torch.nn.functional import binary_cross_entropy_with_logits
 from torchmetrics import MeanMetric
 
-from zoo.gaussian import (
-    GaussianHead,
-    check_covariance,
-    kl_to_standard_normal,
-    reparameterize,
-    standard_normal,
-)
+from zoo.gaussian import Gaussian, GaussianHead, check_covariance, standard_normal
 from zoo.gradients import MovingAverageBaseline, score_function_surrogate
 from zoo.nets import conv_decoder, conv_encoder, is_28x28_image, mlp, numel
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of
@@ -125,8 +119,8 @@ class VAE(L.LightningModule):
     # -- the model ------------------------------------------------------------------------------------
 
     def posterior(self, x: Tensor) -> Distribution:
-        """q(z | x), batch shape ``[B]``, event ``[latent_dim]``."""
-        return self.posterior_head(self.encoder(x))
+        """q(z | x) as a ``torch.distributions`` object, batch shape ``[B]``, event ``[latent_dim]``."""
+        return self.posterior_head(self.encoder(x)).distribution()
 
     def prior(self, like: Tensor) -> Distribution:
         return standard_normal(self.latent_dim, self.posterior_kind, like)
@@ -159,22 +153,22 @@ class VAE(L.LightningModule):
             log_p = -0.5 * ((x - out) * torch.exp(-log_s)) ** 2 - log_s - 0.5 * math.log(2 * math.pi)
         return log_p.flatten(-len(self.shape)).sum(-1)
 
-    def _log_weights(self, x: Tensor, eps: Tensor, q: Distribution | None = None) -> Tensor:
+    def _log_weights(self, x: Tensor, eps: Tensor, q: Gaussian | None = None) -> Tensor:
         """log w_j = log p(x | z_j) + log p(z_j) - log q(z_j | x) for z_j = μ + L ε_j; ``eps [k, B, d]``.
 
         With ``estimator="score"`` z is detached, so gradients reach φ only through log q's parameters.
         """
-        q = self.posterior(x) if q is None else q
-        z = reparameterize(q, eps)
+        q = self.posterior_head(self.encoder(x)) if q is None else q
+        z = q.rsample(eps)
         if self.estimator == "score":
             z = z.detach()
-        return self.log_likelihood(x, z) + self.prior(z).log_prob(z) - q.log_prob(z)  # [k, B]
+        log_q = q.distribution().log_prob(z)
+        return self.log_likelihood(x, z) + self.prior(z).log_prob(z) - log_q  # [k, B]
 
     def _elbo(self, x: Tensor, eps: Tensor) -> Tensor:
         """L_1 with the KL in closed form and the reconstruction term averaged over ``eps [k, B, d]``."""
-        q = self.posterior(x)
-        z = reparameterize(q, eps)
-        return self.log_likelihood(x, z).mean(0) - kl_to_standard_normal(q)
+        q = self.posterior_head(self.encoder(x))
+        return self.log_likelihood(x, q.rsample(eps)).mean(0) - q.kl_to_standard_normal()
 
     # -- public API (the latent-variable-model capability) ----------------------------------------------
 
@@ -235,10 +229,10 @@ class VAE(L.LightningModule):
         if self.estimator == "reparam":
             bound = self._elbo(x, eps) if self.k == 1 else log_mean_exp(self._log_weights(x, eps))
             return -bound.mean()
-        q = self.posterior(x)
+        q = self.posterior_head(self.encoder(x))
         bound = log_mean_exp(self._log_weights(x, eps, q))  # [B]; gradient to θ and through log q's φ
-        z = reparameterize(q, eps).detach()
-        surrogate = score_function_surrogate(bound, q.log_prob(z).sum(0), self.baseline.value)
+        log_q = q.distribution().log_prob(q.rsample(eps).detach())  # [k, B]
+        surrogate = score_function_surrogate(bound, log_q.sum(0), self.baseline.value)
         batch_mean = bound.detach().mean()
         if self._trainer is not None:
             batch_mean = self.trainer.strategy.reduce(batch_mean, reduce_op="mean")
