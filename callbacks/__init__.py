@@ -1,6 +1,7 @@
 """Callbacks: diagnostics that work on any module offering the matching capability, plus pictures."""
 
+from callbacks.quality import ModeCoverage
 from callbacks.samples import SampleGrid
 from callbacks.summary import RunSummary
 
-__all__ = ["RunSummary", "SampleGrid"]
+__all__ = ["ModeCoverage", "RunSummary", "SampleGrid"]

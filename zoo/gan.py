@@ -1,0 +1,104 @@
+"""Generative adversarial networks (Goodfellow et al. 2014) with R1 / R2 gradient penalties.
+
+A generator G maps z ~ N(0, I) to x = G(z); a discriminator D returns a logit l = D(x) (P(real) = σ(l)).
+
+* Losses, each minimised by its player (``loss=``): ``"minimax"`` (D: -E log σ(l_r) - E log(1 - σ(l_f)),
+  G: E log(1 - σ(l_f))), ``"nonsaturating"`` (same D, G: -E log σ(l_f); the default) and ``"hinge"``
+  (D: E relu(1 - l_r) + E relu(1 + l_f), G: -E l_f). At the minimax game's optimum D*(x) = p(x) / (p(x) +
+  q(x)) and D's loss is log 4 - 2 JSD(p, q) (seed 002, Q4).
+* Penalties on D (Mescheder et al. 2018; seed 002, Q5): R1 = r1_gamma/2 E_data ||∇_x D(x)||² and
+  R2 = r2_gamma/2 E_G ||∇_x D(x)||², with D the logit. This γ/2 convention is the Dirac-GAN derivation's;
+  some libraries write γ E||∇D||² (halve their γ). R1 makes the Dirac-GAN's equilibrium locally stable for
+  any γ > 0.
+* ``n_critic`` discriminator steps per generator step; manual optimisation with ``manual_backward`` (details,
+  and why it runs under plain DDP, in :mod:`zoo.adversarial`).
+
+Networks follow the data's shape: ``network="auto"`` picks DCGAN-style convolutions for (C, 28, 28) images
+(``zoo.nets.conv_decoder`` / ``conv_encoder``) and MLPs otherwise; image generators end in a sigmoid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from zoo.adversarial import (
+    GAN_LOSSES,
+    Adversarial,
+    GanLoss,
+    Network,
+    discriminator_loss,
+    generator_loss,
+)
+
+
+class GAN(Adversarial):
+    """A GAN on any data with a ``shape``: MLPs for vectors, DCGAN-style convolutions for 28x28 images.
+
+    Args:
+        shape: shape of one example, linked from the datamodule by the CLI, e.g. ``(2,)`` or ``(1, 28, 28)``.
+        latent_dim: dimension of z ~ N(0, I).
+        hidden: widths of the MLP hidden layers (G: latent -> hidden -> data; D: data -> hidden -> 1); with
+            convolutions only ``hidden[-1]`` is used (D's feature width).
+        network: ``"auto"`` (conv for (C, 28, 28) images, else mlp), ``"mlp"`` or ``"conv"``.
+        loss: ``"minimax"``, ``"nonsaturating"`` or ``"hinge"``.
+        r1_gamma: weight γ of R1 = γ/2 E_data ||∇_x D(x)||² (0: off).
+        r2_gamma: weight γ of R2 = γ/2 E_G ||∇_x D(x)||² (0: off).
+        n_critic: discriminator steps (batches) per generator step.
+        lr_g, lr_d: Adam learning rates of the generator and the discriminator.
+        betas: Adam's (β1, β2) for both.
+        clip_norm: clip each player's gradient norm to this value before its step (0: off). Use it instead of
+            ``Trainer(gradient_clip_val=...)``, which manual optimisation refuses.
+        lr_final_factor: both learning rates decay linearly to ``lr * lr_final_factor`` over the run
+            (``LinearLR`` stepped once per batch, saved in checkpoints); 1 keeps them constant.
+        seed: seed of the training and validation noise (see :mod:`zoo.noise`).
+
+    Logged: ``train/d_loss`` (penalties included), ``train/g_loss``, ``train/r1`` and ``train/r2`` when on,
+    ``val/d_loss`` (no penalties) and, on Gaussian-mixture data (``Toy2D`` 8 / 25 Gaussians),
+    ``val/modes_covered`` and ``val/high_quality`` (``callbacks.quality.ModeCoverage``).
+
+    Example:
+        >>> import torch
+        >>> gan = GAN(shape=(2,), latent_dim=4, hidden=(32, 32), r1_gamma=1.0)
+        >>> gan.discriminator(torch.randn(5, 2)).shape, gan.sample(3).shape
+        (torch.Size([5]), torch.Size([3, 2]))
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        latent_dim: int = 16,
+        hidden: Sequence[int] = (128, 128, 128),
+        network: Network = "auto",
+        loss: GanLoss = "nonsaturating",
+        r1_gamma: float = 0.0,
+        r2_gamma: float = 0.0,
+        n_critic: int = 1,
+        lr_g: float = 2e-4,
+        lr_d: float = 2e-4,
+        betas: Sequence[float] = (0.5, 0.999),
+        clip_norm: float = 0.0,
+        lr_final_factor: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        if loss not in GAN_LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(map(repr, GAN_LOSSES))}; got {loss!r}")
+        super().__init__(
+            shape, latent_dim, hidden, network, r1_gamma, r2_gamma, n_critic, lr_g, lr_d, betas, clip_norm,
+            lr_final_factor, seed, opponent="discriminator",
+        )  # fmt: skip
+        self.save_hyperparameters()
+        self.loss = loss
+        self.val_d_loss = MeanMetric()
+
+    def objective(self, real: Tensor | None, fake: Tensor, player: Literal["opponent", "generator"]):
+        if player == "opponent":
+            return discriminator_loss(self.loss, real, fake), {}
+        return generator_loss(self.loss, fake), {}
+
+    def validation_scores(self, real: Tensor, fake: Tensor) -> None:
+        self.val_d_loss.update(discriminator_loss(self.loss, real, fake), weight=real.shape[0])
+        self.log("val/d_loss", self.val_d_loss)
