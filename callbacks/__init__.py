@@ -1,8 +1,17 @@
 """Callbacks: diagnostics that work on any module offering the matching capability, plus pictures."""
 
+from callbacks.divergence import DivergenceEstimator
 from callbacks.eigen import EigenvalueTracker
+from callbacks.elbo_gap import ELBOGapMonitor
 from callbacks.quality import ModeCoverage
 from callbacks.samples import SampleGrid
 from callbacks.summary import RunSummary
 
-__all__ = ["EigenvalueTracker", "ModeCoverage", "RunSummary", "SampleGrid"]
+__all__ = [
+    "DivergenceEstimator",
+    "ELBOGapMonitor",
+    "EigenvalueTracker",
+    "ModeCoverage",
+    "RunSummary",
+    "SampleGrid",
+]

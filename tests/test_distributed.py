@@ -3,45 +3,30 @@ gives, and a stopped-and-resumed run continues exactly like an uninterrupted one
 
 from __future__ import annotations
 
-import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from cli_runs import cli_fit, metric_rows
 
 from datamodules import Digits
 from zoo import VAE
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def fit_through_cli(folder: Path, devices: int, *extra: str) -> tuple[list[dict], dict]:
     """Run ``cli.py fit`` in a fresh process; return the logged validation rows and the final weights."""
-    args = [
-        sys.executable, str(ROOT / "cli.py"), "fit",
+    log_dir = cli_fit(
+        folder, devices,
         "--model=VAE", "--model.hidden=[64]", "--model.eval_k=20",
-        "--data=Digits", "--data.binarize=dynamic", "--data.batch_size=64",
-        "--trainer.accelerator=cpu", f"--trainer.devices={devices}",
-        f"--trainer.strategy={'ddp' if devices > 1 else 'auto'}",
-        "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false",
-        "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={folder}",
+        "--data=Digits", "--data.binarize=dynamic", "--data.batch_size=64", "--trainer.max_epochs=2",
         "--trainer.callbacks=SampleGrid", "--trainer.callbacks.every_n_epochs=1",  # rank 0 draws, no hang
         *extra,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONHASHSEED": "0"}
-    result = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    log_dir = folder / "version_0"
-    with open(log_dir / "metrics.csv") as f:
-        rows = [row for row in csv.DictReader(f) if row.get("val/elbo")]
+    )  # fmt: skip
     (checkpoint,) = (log_dir / "checkpoints").glob("*.ckpt")
     assert len(list((log_dir / "samples").glob("*.png"))) == 2
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-    return rows, state
+    return metric_rows(log_dir, "val/elbo"), state
 
 
 @pytest.mark.ddp

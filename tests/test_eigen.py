@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import cmath
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
+from cli_runs import cli_fit
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -29,7 +27,6 @@ from callbacks.eigen import (
 from datamodules import Dirac
 from zoo import DiracGAN
 
-ROOT = Path(__file__).resolve().parents[1]
 F64 = dict(dtype=torch.float64)
 QUIET = dict(enable_progress_bar=False, enable_model_summary=False)
 
@@ -453,20 +450,13 @@ def test_callback_checks_its_arguments_and_refuses_huge_dense_matrices() -> None
 
 def fit_through_cli(folder: Path, devices: int, *args: str) -> dict:
     """``cli.py fit`` in a fresh process with the tracker; returns the tracker's state from the checkpoint."""
-    command = [
-        sys.executable, str(ROOT / "cli.py"), "fit",
-        "--trainer.accelerator=cpu", f"--trainer.devices={devices}",
-        f"--trainer.strategy={'ddp' if devices > 1 else 'auto'}", "--trainer.enable_progress_bar=false",
-        "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={folder}",
-        "--trainer.callbacks=EigenvalueTracker", "--trainer.callbacks.every_n_steps=8", *args,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONHASHSEED": "0"}
-    result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (checkpoint,) = (folder / "version_0" / "checkpoints").glob("*.ckpt")
+    log_dir = cli_fit(
+        folder, devices, "--trainer.callbacks=EigenvalueTracker", "--trainer.callbacks.every_n_steps=8", *args
+    )
+    (checkpoint,) = (log_dir / "checkpoints").glob("*.ckpt")
     callbacks = torch.load(checkpoint, map_location="cpu", weights_only=False)["callbacks"]
     (state,) = [v for k, v in callbacks.items() if k.startswith("EigenvalueTracker")]
-    assert len(list((folder / "version_0" / "eig_spectrum").glob("*.png"))) == len(state["history"])
+    assert len(list((log_dir / "eig_spectrum").glob("*.png"))) == len(state["history"])
     return state
 
 

@@ -1,0 +1,50 @@
+"""``cli.py fit`` in a fresh process, as a user would launch it: the helper of the multi-process tests.
+
+Every run gets one thread per process (2 gloo processes on a 2-core machine), W&B disabled, a fixed hash
+seed, and ``tests/`` on ``PYTHONPATH`` so test-only classes work as ``--model test_module.ClassName``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "disabled",
+        "PYTHONHASHSEED": "0",
+        "PYTHONPATH": path,
+    }
+
+
+def cli_fit(folder: Path, devices: int, *args: str, strategy: str | None = None, timeout: int = 300) -> Path:
+    """Run ``cli.py fit *args`` on ``devices`` CPU processes (``ddp`` when more than one, unless ``strategy``
+    says otherwise) with a CSVLogger under ``folder``; assert it succeeded and return its log folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    strategy = strategy or ("ddp" if devices > 1 else "auto")
+    command = [
+        sys.executable, str(ROOT / "cli.py"), "fit", *args,
+        "--trainer.accelerator=cpu", f"--trainer.devices={devices}", f"--trainer.strategy={strategy}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={folder}",
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=folder, env=cli_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "version_0"
+
+
+def metric_rows(log_dir: Path, key: str) -> list[dict[str, str]]:
+    """The rows of ``metrics.csv`` in which ``key`` was logged."""
+    with open(log_dir / "metrics.csv") as f:
+        return [row for row in csv.DictReader(f) if row.get(key)]
