@@ -11,11 +11,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
 import lightning as L
-from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer import Trainer
@@ -93,13 +93,37 @@ class GenZooCLI(LightningCLI):
             **kwargs,
         )
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        with wandb_dir_of(self.trainer.logger):
+            super()._run_subcommand(subcommand)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.shape", "model.init_args.shape", apply_on="instantiate")
         parser.add_lightning_class_args(RunSummary, "summary")
 
 
-def default_logger() -> WandbLogger:
-    return lazy_instance(WandbLogger, project="genzoo", save_dir=RUNS_DIR, offline=wandb_offline())
+def default_logger() -> dict:
+    """The default ``--trainer.logger``: offline W&B under ``runs/``. A config, not a lazy instance: a lazily
+    built logger's generated class cannot be pickled into the processes ``ddp_spawn`` starts."""
+    return {
+        "class_path": "lightning.pytorch.loggers.WandbLogger",
+        "init_args": {"project": "genzoo", "save_dir": RUNS_DIR, "offline": wandb_offline()},
+    }
+
+
+@contextlib.contextmanager
+def wandb_dir_of(logger):
+    """Sets ``WANDB_DIR`` to a W&B logger's ``save_dir`` for the duration (unless the user set it), restoring
+    it after. Processes that attach to the run (``ddp_spawn``'s workers) place W&B's media under
+    ``WANDB_DIR`` or their working directory, not under the run's ``save_dir``; this points them at it."""
+    if not isinstance(logger, WandbLogger) or not logger.save_dir or "WANDB_DIR" in os.environ:
+        yield
+        return
+    os.environ["WANDB_DIR"] = os.path.abspath(logger.save_dir)
+    try:
+        yield
+    finally:
+        os.environ.pop("WANDB_DIR", None)
 
 
 def run(args: list[str] | None = None) -> GenZooCLI:

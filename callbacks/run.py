@@ -18,11 +18,29 @@ def run_dir(trainer: Trainer) -> Path:
     put there), else the first logger's ``log_dir``, else the trainer's ``default_root_dir``."""
     logger = trainer.logger
     if isinstance(logger, WandbLogger):
-        directory = getattr(logger.experiment, "dir", None)  # a disabled run has no folder
-        if directory:
-            return Path(directory)
+        directory = _wandb_files_dir(logger)
+        if directory is not None:
+            return directory
     log_dir = getattr(logger, "log_dir", None) if logger is not None else None
     path = Path(log_dir or trainer.default_root_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _wandb_files_dir(logger: WandbLogger) -> Path | None:
+    """The W&B run's ``files`` folder, or ``None`` for a disabled run (it has none).
+
+    A process that attached to a run started by another one (``ddp_spawn`` pickles the logger into its
+    workers) reports the folder relative to its own working directory and default root, where it does not
+    exist; the run's real folder is then the one of that name under the logger's ``save_dir``.
+    """
+    directory = getattr(logger.experiment, "dir", None)
+    if not directory:
+        return None
+    path = Path(directory)
+    if not path.is_dir():
+        candidate = Path(logger.save_dir or ".") / "wandb" / path.parent.name / path.name
+        path = candidate if candidate.is_dir() else path
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -30,10 +48,9 @@ def run_dir(trainer: Trainer) -> Path:
 def wandb_offline_dir(trainer: Trainer) -> Path | None:
     """The folder to pass to ``wandb sync`` when this run was logged offline, else ``None``."""
     logger = trainer.logger
-    if isinstance(logger, WandbLogger):
-        run = logger.experiment
-        if getattr(run, "offline", False) and getattr(run, "dir", None):
-            return Path(run.dir).parent
+    if isinstance(logger, WandbLogger) and getattr(logger.experiment, "offline", False):
+        directory = _wandb_files_dir(logger)
+        return directory.parent if directory is not None else None
     return None
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
@@ -33,7 +35,7 @@ class RunSummary(Callback):
         width = max([len(k) for k in metrics] + [8])
         for name, value in sorted(metrics.items()):
             lines.append(f"  {name:<{width}}  {value:.3f}")
-        folder = run_dir(trainer)
+        folder = shown(run_dir(trainer))
         lines.append(f"  {'run':<{width}}  {folder}")
         if (folder / "config.yaml").exists():
             lines.append(f"  {'config':<{width}}  {folder / 'config.yaml'}")
@@ -42,5 +44,13 @@ class RunSummary(Callback):
             lines.append(f"  {'pictures':<{width}}  {len(pictures)} PNG files, latest {pictures[-1]}")
         offline = wandb_offline_dir(trainer)
         if offline is not None:
-            lines.append(f"  {'upload':<{width}}  wandb sync {offline}")
+            lines.append(f"  {'upload':<{width}}  wandb sync {shown(offline)}")
         return "\n".join(lines)
+
+
+def shown(path: Path) -> Path:
+    """``path`` relative to the working directory when it lies inside it (shorter to read and to paste)."""
+    try:
+        return Path(os.path.relpath(path)) if Path(path).resolve().is_relative_to(Path.cwd()) else Path(path)
+    except ValueError:  # another drive
+        return Path(path)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_runs import cli_env
 
 from cli import run as main
 
@@ -103,6 +106,26 @@ def test_default_logger_is_offline_wandb(tmp_path: Path, monkeypatch: pytest.Mon
     assert (runs[0] / "files" / "config.yaml").exists()
     out = capsys.readouterr().out
     assert "val/elbo" in out and "val/iwae" in out and f"wandb sync {runs[0].relative_to(tmp_path)}" in out
+
+
+@pytest.mark.ddp
+def test_ddp_spawn_with_the_default_wandb_logger(tmp_path: Path) -> None:
+    """``ddp_spawn`` pickles the logger into its workers: the default W&B logger must survive that, and rank 0
+    alone writes the config and the sample grid into the one offline run folder and prints its sync line."""
+    env = {k: v for k, v in cli_env().items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    command = [
+        sys.executable, str(ROOT / "cli.py"), "fit", "--model=VAE", "--model.hidden=[32]", "--data=Digits",
+        "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp_spawn",
+        "--trainer.enable_progress_bar=false", "--trainer.callbacks=SampleGrid",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (tmp_path / "runs" / "wandb").glob("offline-run-*")
+    assert (run / "files" / "config.yaml").exists()
+    assert len(list((run / "files" / "samples").glob("*.png"))) == 1
+    assert f"wandb sync {run.relative_to(tmp_path)}" in result.stdout
+    assert not (tmp_path / "wandb").exists()  # nothing written relative to a worker's default root
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,12 @@
 resume) and DDP: 2 gloo processes give the 1-process gradients of every step.
 
 The DDP tests' subprocesses import this file (``PYTHONPATH=tests``) for :class:`GradientDump` and
-:class:`NaNToy2D`; ``python tests/test_gan.py FOLDER DEVICES STRATEGY`` runs :func:`script_fit`.
+:class:`NaNToy2D`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runs import cli_env
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from torch import nn
 
@@ -443,14 +443,7 @@ def cli_command(
         "--trainer.logger=false", "--trainer.enable_checkpointing=false",
         "--trainer.callbacks+=test_gan.GradientDump", f"--trainer.callbacks.folder={folder}",
     ]  # fmt: skip
-    path = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "WANDB_MODE": "disabled",
-        "PYTHONHASHSEED": "0",
-        "PYTHONPATH": path,
-    }
+    env = cli_env()
     return args, env
 
 
@@ -517,50 +510,20 @@ def one_process_gan(tmp_path_factory) -> dict:
 
 
 @pytest.mark.ddp
-def test_two_processes_give_the_one_process_gradients(tmp_path: Path, one_process_gan: dict) -> None:
-    """R1 + R2 (double backward) under plain DDP (``strategy=ddp``, no find_unused_parameters) through
-    ``cli.py``: for every optimizer step of 3 batches (D and G), the all-reduced gradients on 2 gloo
-    processes equal the 1-process gradients over the same global batch, the 2 ranks hold bit-identical
-    gradients, and the final weights and the validation numbers (val/d_loss over uneven 51/50 shards) agree.
-    Seen: max |Δgrad| 5e-8, max |Δweight| 3e-8 (float32). ``ddp_find_unused_parameters_true`` gave the same
-    numbers."""
-    strategy = "ddp"
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_two_processes_give_the_one_process_gradients(
+    tmp_path: Path, one_process_gan: dict, strategy: str
+) -> None:
+    """R1 + R2 (double backward) under plain DDP (no find_unused_parameters) through ``cli.py``, processes
+    launched (``ddp``) or spawned (``ddp_spawn``: module, logger and callbacks are pickled into the
+    workers): for every optimizer step of 3 batches (D and G), the all-reduced gradients on 2 gloo processes
+    equal the 1-process gradients over the same global batch, the 2 ranks hold bit-identical gradients, and
+    the final weights and the validation numbers (val/d_loss over uneven 51/50 shards) agree. Seen: max
+    |Δgrad| 5e-8, max |Δweight| 3e-8 (float32). ``ddp_find_unused_parameters_true`` gave the same numbers."""
     result = cli_fit(tmp_path, 2, strategy, *GAN_ARGS)
     assert result.returncode == 0, result.stderr[-3000:]
     worst = assert_parity(one_process_gan, load_dump(tmp_path), load_dump(tmp_path, 1), atol=1e-6, rtol=1e-5)
     print(f"{strategy}: worst |grad diff| {worst['grad']:.2e}, |weight diff| {worst['weight']:.2e}")
-
-
-def script_fit(folder: Path, devices: int, strategy: str) -> None:
-    """The run of :data:`GAN_ARGS` built with a plain Trainer (``python tests/test_gan.py FOLDER DEVICES
-    STRATEGY``). ``ddp_spawn`` goes through here: through ``cli.py`` it cannot pickle the CLI's lazily built
-    default logger into the spawned processes (a CLI limitation, for every model)."""
-    L.seed_everything(0)
-    model = GAN(shape=(2,), latent_dim=3, hidden=(32, 32), r1_gamma=1.0, r2_gamma=0.5, lr_d=1e-3, lr_g=1e-3)
-    data = Toy2D("8gaussians", n_train=256, n_val=101, n_test=0, batch_size=64)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_epochs=1, limit_train_batches=3,
-        num_sanity_val_steps=0, callbacks=[GradientDump(str(folder))], **FAST,
-    )  # fmt: skip
-    trainer.fit(model, data)
-
-
-def run_script(folder: Path, devices: int, strategy: str) -> subprocess.CompletedProcess:
-    folder.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONHASHSEED": "0"}
-    args = [sys.executable, str(Path(__file__).resolve()), str(folder), str(devices), strategy]
-    return subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=180)
-
-
-@pytest.mark.ddp
-def test_ddp_spawn_gives_the_one_process_gradients(tmp_path: Path, one_process_gan: dict) -> None:
-    """The same parity with ``strategy="ddp_spawn"`` (the module and callbacks are pickled into 2 spawned
-    processes), run by :func:`script_fit`, against the CLI's 1-process run (the script on 1 process reproduces
-    that run bit for bit; seen)."""
-    result = run_script(tmp_path, 2, "ddp_spawn")
-    assert result.returncode == 0, result.stderr[-3000:]
-    worst = assert_parity(one_process_gan, load_dump(tmp_path), load_dump(tmp_path, 1), atol=1e-6, rtol=1e-5)
-    print(f"ddp_spawn: worst |grad diff| {worst['grad']:.2e}, |weight diff| {worst['weight']:.2e}")
 
 
 @pytest.mark.ddp
@@ -584,7 +547,3 @@ def test_nan_on_one_rank_stops_both_with_the_message(tmp_path: Path) -> None:
     assert "NonFiniteLossError" in result.stderr and expected in result.stderr, result.stderr[-3000:]
     assert "non-finite on 1 of 2 process(es)" in result.stderr
     assert not list(tmp_path.glob("rank*.pt"))  # training never finished
-
-
-if __name__ == "__main__":
-    script_fit(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
