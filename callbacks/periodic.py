@@ -4,6 +4,7 @@ state a checkpoint keeps."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -89,8 +90,8 @@ class PeriodicDiagnostic(Callback):
         self.evaluations = 0
         self.last_step = -1  # global_step of the last evaluation
 
-    @property
-    def state_key(self) -> str:
+    @functools.cached_property
+    def state_key(self) -> str:  # Lightning asks for it at every hook call: computed once
         return self._generate_state_key(
             every_n_epochs=self.every_n_epochs, every_n_steps=self.every_n_steps, n_examples=self.n_examples,
             split=self.split, seed=self.seed,
