@@ -6,7 +6,7 @@
 * Logging goes to Weights & Biases by default, offline unless ``WANDB_API_KEY`` or ``WANDB_MODE`` says
   otherwise, under ``runs/``; ``--trainer.logger`` overrides it (CSVLogger, TensorBoardLogger, or false).
 * The resolved config is saved into every run's own folder (and, for W&B, uploaded with it).
-* A short summary is printed when ``fit`` ends.
+* A short summary is printed when ``fit`` ends; on SIGTERM the run saves ``last.ckpt`` and exits with 143.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from lightning.pytorch.trainer import Trainer
 
 import datamodules  # registers the datamodules' class names
 import zoo  # registers the models' class names
+from callbacks.preemption import PreemptionCheckpoint
 from callbacks.run import run_dir
 from callbacks.summary import RunSummary
 
@@ -100,6 +101,7 @@ class GenZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.shape", "model.init_args.shape", apply_on="instantiate")
         parser.add_lightning_class_args(RunSummary, "summary")
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
 
 
 def default_logger() -> dict:

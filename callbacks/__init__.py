@@ -3,6 +3,7 @@
 from callbacks.divergence import DivergenceEstimator
 from callbacks.eigen import EigenvalueTracker
 from callbacks.elbo_gap import ELBOGapMonitor
+from callbacks.preemption import PreemptionCheckpoint
 from callbacks.quality import ModeCoverage
 from callbacks.samples import SampleGrid
 from callbacks.summary import RunSummary
@@ -12,6 +13,7 @@ __all__ = [
     "ELBOGapMonitor",
     "EigenvalueTracker",
     "ModeCoverage",
+    "PreemptionCheckpoint",
     "RunSummary",
     "SampleGrid",
 ]

@@ -26,9 +26,11 @@ def cli_env() -> dict[str, str]:
     }
 
 
-def cli_fit(folder: Path, devices: int, *args: str, strategy: str | None = None, timeout: int = 300) -> Path:
+def cli_run(
+    folder: Path, devices: int, *args: str, strategy: str | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """Run ``cli.py fit *args`` on ``devices`` CPU processes (``ddp`` when more than one, unless ``strategy``
-    says otherwise) with a CSVLogger under ``folder``; assert it succeeded and return its log folder."""
+    says otherwise) with a CSVLogger under ``folder``, its log folder ``folder/version_0``."""
     folder.mkdir(parents=True, exist_ok=True)
     strategy = strategy or ("ddp" if devices > 1 else "auto")
     command = [
@@ -37,9 +39,12 @@ def cli_fit(folder: Path, devices: int, *args: str, strategy: str | None = None,
         "--trainer.enable_progress_bar=false",
         "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={folder}",
     ]  # fmt: skip
-    result = subprocess.run(
-        command, cwd=folder, env=cli_env(), capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run(command, cwd=folder, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def cli_fit(folder: Path, devices: int, *args: str, strategy: str | None = None, timeout: int = 300) -> Path:
+    """:func:`cli_run`, asserting that it succeeded; returns its log folder."""
+    result = cli_run(folder, devices, *args, strategy=strategy, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return folder / "version_0"
 

@@ -3,12 +3,14 @@ gives, and a stopped-and-resumed run continues exactly like an uninterrupted one
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from cli_runs import cli_fit, metric_rows
+from cli_runs import cli_fit, cli_run, metric_rows
 
 from datamodules import Digits
 from zoo import VAE
@@ -73,3 +75,35 @@ def test_resume_continues_exactly(tmp_path: Path, estimator: str) -> None:
         assert torch.equal(a, b), name
     for key in ("val/elbo", "val/iwae"):
         assert torch.equal(straight_trainer.callback_metrics[key], resumed_trainer.callback_metrics[key])
+
+
+class SigtermAt(L.Callback):
+    """Sends this process SIGTERM after optimizer step ``step`` (rank 0 only, as a scheduler signals the job's
+    launcher; Lightning forwards it to the other ranks)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self.step and trainer.is_global_zero:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("devices", [1, pytest.param(2, marks=pytest.mark.ddp)])
+def test_sigterm_saves_last_ckpt_exits_143_and_the_run_resumes_from_it(tmp_path: Path, devices: int) -> None:
+    """RELIABILITY.md #13: SIGTERM at step 30 of 48 saves last.ckpt at step 30 (once, by rank 0) and exits
+    with 143 instead of 0; ``--ckpt_path`` to it finishes the run. The guard is
+    ``callbacks.PreemptionCheckpoint``, which ``cli.py`` adds to every run."""
+    args = ("--model=VAE", "--model.hidden=[32]", "--model.eval_k=5", "--data=Digits", "--data.batch_size=64",
+            "--trainer.max_epochs=2", "--trainer.limit_val_batches=1")  # fmt: skip
+    stopped = cli_run(
+        tmp_path / "stopped", devices, *args, "--trainer.callbacks+=test_distributed.SigtermAt",
+        "--trainer.callbacks.step=30",
+    )  # fmt: skip
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    path = tmp_path / "stopped" / "version_0" / "checkpoints" / "last.ckpt"
+    assert f"SIGTERM at step 30: saved {path}" in stopped.stdout + stopped.stderr
+    assert torch.load(path, map_location="cpu", weights_only=False)["global_step"] == 30
+    resumed = cli_fit(tmp_path / "resumed", devices, *args, f"--ckpt_path={path}")
+    (final,) = (resumed / "checkpoints").glob("epoch=1-*.ckpt")
+    assert torch.load(final, map_location="cpu", weights_only=False)["global_step"] == 48
