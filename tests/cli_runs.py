@@ -53,3 +53,14 @@ def metric_rows(log_dir: Path, key: str) -> list[dict[str, str]]:
     """The rows of ``metrics.csv`` in which ``key`` was logged."""
     with open(log_dir / "metrics.csv") as f:
         return [row for row in csv.DictReader(f) if row.get(key)]
+
+
+def assert_same_rows(one: list[dict], two: list[dict], prefix: str, n_rows: int, tol: float = 1e-4) -> None:
+    """The rows of two runs log the same ``prefix*`` values at the same steps, to ``tol`` (absolute)."""
+    assert len(one) == len(two) == n_rows
+    for a, b in zip(one, two, strict=True):
+        assert a["step"] == b["step"]
+        keys = [key for key in a if key.startswith(prefix) and a[key]]
+        assert keys and keys == [key for key in b if key.startswith(prefix) and b[key]]
+        for key in keys:
+            assert float(a[key]) == float(b[key]) or abs(float(a[key]) - float(b[key])) <= tol, key

@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from cli_runs import cli_fit, metric_rows
+from cli_runs import assert_same_rows, cli_fit, metric_rows
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
 from torch.distributions import MultivariateNormal, kl_divergence
@@ -283,13 +283,5 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     """Same data, seed and global batch: the elbo_gap/* rows of 2 gloo processes (blocks 0, 2 on rank 0 and
     1, 3 on rank 1) equal those of 1 process within 1e-4 nats (the weights differ by the float32 gradient
     all-reduce order only)."""
-    rows = {}
-    for devices in (1, 2):
-        (folder := tmp_path / f"devices{devices}").mkdir()
-        rows[devices] = fit_through_cli(folder, devices)
-    assert len(rows[1]) == len(rows[2]) == 2
-    for one, two in zip(rows[1], rows[2], strict=True):
-        assert one["step"] == two["step"]
-        for key in one:
-            if key.startswith("elbo_gap/"):
-                assert float(one[key]) == pytest.approx(float(two[key]), abs=1e-4), key
+    rows = {devices: fit_through_cli(tmp_path / f"devices{devices}", devices) for devices in (1, 2)}
+    assert_same_rows(rows[1], rows[2], "elbo_gap/", n_rows=2)
