@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.guards import NonFiniteLossError, check_finite  # noqa: F401 (re-exported: the guard lived here)
 from zoo.nets import conv_decoder, conv_encoder, is_28x28_image, mlp, numel
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of
 
@@ -146,33 +147,9 @@ def zero_touch(parameters: Iterable[Tensor]) -> Tensor:
     return torch.stack(sums).sum() * 0.0 if sums else torch.zeros(())
 
 
-# -- the NaN guard -------------------------------------------------------------------------------------------
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or infinite; raised on every process before an optimizer step could use it."""
-
-
-def check_finite(module: L.LightningModule, name: str, loss: Tensor, batch_idx: int) -> None:
-    """Raise :class:`NonFiniteLossError` naming ``name``, the step and the batch when ``loss`` is not finite
-    on ANY process. The decision is all-reduced, so every rank raises at the same step (a rank-local raise
-    would leave the others hanging in the next collective; RELIABILITY.md #14, #19)."""
-    bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(())
-    trainer = getattr(module, "_trainer", None)
-    world = 1
-    if trainer is not None:
-        bad = trainer.strategy.reduce(bad, reduce_op="sum")
-        world = trainer.world_size
-    if bad.item() > 0:
-        epoch = trainer.current_epoch if trainer is not None else 0
-        raise NonFiniteLossError(
-            f"{type(module).__name__}: {name} is {loss.item()} (non-finite on {int(bad.item())} of {world} "
-            f"process(es)) at global_step={module.global_step}, epoch={epoch}, batch_idx={batch_idx}. "
-            "Training stopped before the optimizer step, so the weights are still finite (the last "
-            "checkpoint too). "
-            "Look for non-finite data, a too large learning rate, or a diverging critic (lower lr_d, add "
-            "r1_gamma)."
-        )
+_ADVERSARIAL_HINT = (
+    "Look for non-finite data, a too large learning rate, or a diverging critic (lower lr_d, add r1_gamma)."
+)
 
 
 # -- the base module -----------------------------------------------------------------------------------------
@@ -320,12 +297,12 @@ class Adversarial(L.LightningModule):
         d_opt, g_opt = self.optimizers()
         step = self.global_step  # at the start of this batch; restored on resume
         d_loss, logs = self.opponent_loss(x, self._train_noise(x, _D_STREAM, step))
-        check_finite(self, "d_loss", d_loss, batch_idx)
+        check_finite(self, "d_loss", d_loss, batch_idx, _ADVERSARIAL_HINT)
         self._step(d_opt, d_loss, self.generator_parameters())  # samples detached: touch G for DDP
         self.log("train/d_loss", d_loss.detach(), prog_bar=True)
         if self.generator_turn(step):
             g_loss, g_logs = self.generator_step_loss(x, self._train_noise(x, _G_STREAM, step))
-            check_finite(self, "g_loss", g_loss, batch_idx)
+            check_finite(self, "g_loss", g_loss, batch_idx, _ADVERSARIAL_HINT)
             self._step(g_opt, g_loss, [])  # the opponent is in the generator's graph
             self.log("train/g_loss", g_loss.detach(), prog_bar=True)
             logs.update({f"g_{k}": v for k, v in g_logs.items()})

@@ -37,6 +37,7 @@ from torchmetrics import MeanMetric
 
 from zoo.gaussian import Gaussian, GaussianHead, check_covariance, standard_normal
 from zoo.gradients import MovingAverageBaseline, score_function_surrogate
+from zoo.guards import check_finite
 from zoo.nets import conv_decoder, conv_encoder, is_28x28_image, mlp, numel
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of
 
@@ -241,6 +242,7 @@ class VAE(L.LightningModule):
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         loss = self.training_loss(batch)
+        check_finite(self, "train/loss", loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
