@@ -470,15 +470,36 @@ def load_dump(folder: Path, rank: int = 0) -> dict:
     return torch.load(folder / f"rank{rank}.pt", map_location="cpu", weights_only=False)
 
 
+def sgd_weight_tolerance(one: dict, two: dict, name: str, lr: float) -> torch.Tensor:
+    """The bound plain SGD guarantees on |w_2 - w_1| for parameter ``name`` after T steps, elementwise.
+
+    SGD makes the weights a linear function of the gradients, w_T = w_0 - lr Σ_t g_t, so two runs from the
+    same w_0 differ by at most lr Σ_t |g2_t - g1_t| (the gradient differences the test measured) plus the
+    rounding of the T float32 updates of each run, at most 2^-24 max_t |w_t| <= 2^-24 (|w_T| + lr Σ_t |g_t|)
+    per update and run (x2 for the product lr g rounded before the sum)."""
+    keys = [k for k in one["grads"] if k.split("/", 2)[2] == name]
+    diff = sum((two["grads"][k] - one["grads"][k]).abs() for k in keys)
+    total = sum(one["grads"][k].abs() for k in keys)
+    rounding = 2 * 2 * len(keys) * 2.0**-24 * (one["state"][name].abs() + lr * total)
+    return lr * diff + rounding
+
+
 def assert_parity(
-    one: dict, two: dict, rank1: dict, atol: float, rtol: float, weight_atol: float | None = None
+    one: dict,
+    two: dict,
+    rank1: dict,
+    atol: float,
+    rtol: float,
+    weight_atol: float | None = None,
+    sgd_lr: float | None = None,
 ) -> dict:
     """2 processes vs 1: same gradient keys (every step of both players), gradients to ``atol``/``rtol``, the
-    2 ranks' gradients identical, validation numbers equal, final weights to ``weight_atol`` (default atol).
+    2 ranks' gradients identical, validation numbers equal, final weights to ``weight_atol`` (default atol),
+    or, for runs with plain SGD of step size ``sgd_lr``, to the bound :func:`sgd_weight_tolerance` derives.
 
-    Weights can need a looser bound than gradients: Adam divides by sqrt(v) + eps (1e-8), so a parameter whose
-    gradient is itself ~1e-8 (a nearly dead unit) moves by a fraction of lr set by float32 rounding. Returns
-    the worst differences seen."""
+    With Adam, weights can differ by more than gradients do: Adam divides by sqrt(v) + eps (1e-8), so a
+    parameter whose gradient is itself ~1e-8 (a nearly dead unit) moves by a fraction of lr set by float32
+    rounding, which depends on the machine; SGD has no such amplification. Returns the worst differences."""
     weight_atol = atol if weight_atol is None else weight_atol
     assert one["grads"].keys() == two["grads"].keys() == rank1["grads"].keys()
     assert {k.split("/")[1] for k in one["grads"]} == {"d", "g"}
@@ -488,7 +509,12 @@ def assert_parity(
         torch.testing.assert_close(two["grads"][key], g1, atol=atol, rtol=rtol, msg=key)
         worst["grad"] = max(worst["grad"], (two["grads"][key] - g1).abs().max().item())
     for name, w1 in one["state"].items():
-        torch.testing.assert_close(two["state"][name], w1, atol=weight_atol, rtol=rtol, msg=name)
+        if sgd_lr is not None and any(k.split("/", 2)[2] == name for k in one["grads"]):
+            bound = sgd_weight_tolerance(one, two, name, sgd_lr)
+            excess = ((two["state"][name] - w1).abs() - bound).max().item()
+            assert excess <= 0, f"{name}: |Δw| exceeds the SGD bound by {excess:.2e}"
+        else:
+            torch.testing.assert_close(two["state"][name], w1, atol=weight_atol, rtol=rtol, msg=name)
         worst["weight"] = max(worst["weight"], (two["state"][name] - w1).abs().max().item())
     assert one["global_step"] == two["global_step"]
     assert one["metrics"].keys() == two["metrics"].keys() and one["metrics"]

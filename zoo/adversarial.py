@@ -52,14 +52,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.guards import NonFiniteLossError, check_finite  # noqa: F401 (re-exported: the guard lived here)
+from zoo.gaussian import upcast
+from zoo.guards import NonFiniteLossError, check_data, check_finite  # noqa: F401 (re-exported: it lived here)
 from zoo.nets import conv_decoder, conv_encoder, is_28x28_image, mlp, numel
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of
+from zoo.strategies import check_strategy
 
 Network = Literal["auto", "mlp", "conv"]
 GanLoss = Literal["minimax", "nonsaturating", "hinge"]
 GAN_LOSSES: tuple[str, ...] = ("minimax", "nonsaturating", "hinge")
-_D_STREAM, _G_STREAM, _VAL_STREAM, _GAME_STREAM = 10, 11, 12, 13
+_D_STREAM, _G_STREAM, _VAL_STREAM, _GAME_STREAM, _TEST_STREAM = 10, 11, 12, 13, 14
 
 
 # -- networks ------------------------------------------------------------------------------------------------
@@ -204,8 +206,9 @@ class Adversarial(L.LightningModule):
     # -- the players -----------------------------------------------------------------------------------------
 
     def score(self, x: Tensor) -> Tensor:
-        """The opponent's output ``[B]`` for ``x [B, *shape]`` (GAN: the logit; f-GAN: the critic T)."""
-        return self._modules[self._opponent_name](x)
+        """The opponent's output ``[B]`` for ``x [B, *shape]`` (GAN: the logit; f-GAN: the critic T), in
+        float32 also under mixed precision, so losses, log-sum-exps and penalties are computed in float32."""
+        return upcast(self._modules[self._opponent_name](x))
 
     def opponent_parameters(self) -> list[Tensor]:
         return list(self._modules[self._opponent_name].parameters())
@@ -294,6 +297,11 @@ class Adversarial(L.LightningModule):
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         x = batch
+        if len(self.shape) == 3:  # image generators end in a sigmoid: they cannot reach values outside [0, 1]
+            check_data(self, x, "unit_interval", option="an image generator (sigmoid output)",
+                       fix="a datamodule with pixels in [0, 1]")  # fmt: skip
+        else:
+            check_data(self, x, "real")
         d_opt, g_opt = self.optimizers()
         step = self.global_step  # at the start of this batch; restored on resume
         d_loss, logs = self.opponent_loss(x, self._train_noise(x, _D_STREAM, step))
@@ -335,8 +343,10 @@ class Adversarial(L.LightningModule):
     # -- evaluation ------------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        """Attach a ``ModeCoverage`` metric when the datamodule is a Gaussian mixture (has ``centers``,
-        ``std``)."""
+        """Refuse FSDP (manual optimisation, :mod:`zoo.strategies`); attach a ``ModeCoverage`` metric when
+        the datamodule is a Gaussian mixture (has ``centers``, ``std``)."""
+        if self._trainer is not None:
+            check_strategy(self, self._trainer.strategy)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         centers, std = getattr(datamodule, "centers", None), getattr(datamodule, "std", None)
         if self.mode_coverage is None and centers is not None and std is not None:
@@ -344,11 +354,11 @@ class Adversarial(L.LightningModule):
 
             self.mode_coverage = ModeCoverage(centers, std).to(self.device)
 
-    def validation_fakes(self, n: int, batch_idx: int, like: Tensor) -> Tensor:
+    def validation_fakes(self, n: int, batch_idx: int, like: Tensor, stream: int = _VAL_STREAM) -> Tensor:
         """The same ``n`` samples for this validation batch at every epoch and on any number of processes."""
         rank, world = shard_of(self)
         z = positional_normal(
-            n, (self.latent_dim,), key=mix_key(self.seed, _VAL_STREAM, batch_idx),
+            n, (self.latent_dim,), key=mix_key(self.seed, stream, batch_idx),
             rank=rank, world=world, device=like.device, dtype=like.dtype,
         )  # fmt: skip
         return self.generator(z)
@@ -359,8 +369,13 @@ class Adversarial(L.LightningModule):
             self.mode_coverage.update(fake)
         self.validation_scores(self.score(batch), self.score(fake))
 
-    def validation_scores(self, real: Tensor, fake: Tensor) -> None:
-        """Update and log the family's validation metrics from the opponent's outputs."""
+    def validation_scores(self, real: Tensor, fake: Tensor, stage: str = "val") -> None:
+        """Update and log the family's ``{stage}/...`` metrics (``val`` or ``test``) from the opponent's
+        outputs."""
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        fake = self.validation_fakes(batch.shape[0], batch_idx, batch, stream=_TEST_STREAM)
+        self.validation_scores(self.score(batch), self.score(fake), stage="test")
 
     def on_validation_epoch_end(self) -> None:
         if self.mode_coverage is not None:

@@ -33,6 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.guards import check_data, check_finite
+from zoo.strategies import check_strategy
+
 
 def log_sigmoid(x: Tensor) -> Tensor:
     """log σ(x) = -softplus(-x), stable for any x (RELIABILITY.md #23).
@@ -222,15 +225,22 @@ class DiracGAN(L.LightningModule):
 
     # -- training -----------------------------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        if self._trainer is not None:  # manual optimisation: no FSDP (zoo/strategies.py)
+            check_strategy(self, self._trainer.strategy)
+
     def on_fit_start(self) -> None:
         if not self.trajectory:
             self.trajectory.append(tuple(self.point().tolist()))
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        check_data(self, batch, "real")
         self.loc = float(batch[0, 0])  # the Dirac's point (every example is the same)
         optimizer = self.optimizers()
         point = self.point()
         critic_loss, generator_loss, value = self.losses(batch, simultaneous=True)
+        check_finite(self, "critic_loss", critic_loss, batch_idx)
+        check_finite(self, "generator_loss", generator_loss, batch_idx)
         optimizer.zero_grad()
         self.manual_backward(critic_loss + generator_loss)  # one backward: every parameter, DDP-safe
         optimizer.step()
@@ -238,6 +248,16 @@ class DiracGAN(L.LightningModule):
         psi0, psi1, theta = point.tolist()
         logs = {"theta": theta, "psi0": psi0, "psi1": psi1, "distance": self.distance(point), "value": value}
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False)
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        """``test/value`` (L at the current point on the test data, nats) and ``test/distance`` (to the
+        equilibrium (0, 0, x0), x0 the test data's point)."""
+        with torch.no_grad():
+            value = self.value(batch, self.psi0, self.psi1, self.theta)
+        point = self.point()
+        distance = torch.linalg.vector_norm(point - point.new_tensor([0.0, 0.0, float(batch[0, 0])]))
+        self.log("test/value", value, batch_size=batch.shape[0], sync_dist=True)
+        self.log("test/distance", distance, batch_size=batch.shape[0], sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Plain SGD on all three parameters: with the gradients of the simultaneous step this is

@@ -161,7 +161,7 @@ class FGAN(Adversarial):
         )  # fmt: skip
         self.save_hyperparameters()
         self.divergence = divergence
-        self.val_bound = BoundMetric(divergence)
+        self.val_bound, self.test_bound = BoundMetric(divergence), BoundMetric(divergence)
 
     @property
     def discriminator(self):
@@ -189,6 +189,7 @@ class FGAN(Adversarial):
             return -bound, {"bound": bound.detach()}
         return bound, {}
 
-    def validation_scores(self, real: Tensor, fake: Tensor) -> None:
-        self.val_bound.update(real, fake)
-        self.log("val/bound", self.val_bound, prog_bar=True)
+    def validation_scores(self, real: Tensor, fake: Tensor, stage: str = "val") -> None:
+        metric = self.test_bound if stage == "test" else self.val_bound
+        metric.update(real, fake)
+        self.log(f"{stage}/bound", metric, prog_bar=stage == "val")

@@ -92,13 +92,14 @@ class GAN(Adversarial):
         )  # fmt: skip
         self.save_hyperparameters()
         self.loss = loss
-        self.val_d_loss = MeanMetric()
+        self.val_d_loss, self.test_d_loss = MeanMetric(), MeanMetric()
 
     def objective(self, real: Tensor | None, fake: Tensor, player: Literal["opponent", "generator"]):
         if player == "opponent":
             return discriminator_loss(self.loss, real, fake), {}
         return generator_loss(self.loss, fake), {}
 
-    def validation_scores(self, real: Tensor, fake: Tensor) -> None:
-        self.val_d_loss.update(discriminator_loss(self.loss, real, fake), weight=real.shape[0])
-        self.log("val/d_loss", self.val_d_loss)
+    def validation_scores(self, real: Tensor, fake: Tensor, stage: str = "val") -> None:
+        metric = self.test_d_loss if stage == "test" else self.val_d_loss
+        metric.update(discriminator_loss(self.loss, real, fake), weight=real.shape[0])
+        self.log(f"{stage}/d_loss", metric)

@@ -15,7 +15,10 @@ one-process run:
   it needs no knowledge of the other ranks' batch sizes. Slower (~25 integer ops per number), so it is
   kept off the training hot path.
 
-Both are pure functions of ``key``: keying by ``(seed, global_step)`` makes a resumed run draw exactly the
+:func:`global_uniform` and :func:`positional_uniform` are their uniform twins (for Gumbel noise,
+-log(-log U), in :mod:`zoo.discrete_vae`).
+
+All are pure functions of ``key``: keying by ``(seed, global_step)`` makes a resumed run draw exactly the
 noise of an uninterrupted one, with no generator state to checkpoint (RELIABILITY.md #10).
 """
 
@@ -114,3 +117,43 @@ def positional_normal(
     u1, u2 = uniform[:, :n], uniform[:, n:]
     normal = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
     return normal.to(dtype).reshape(batch, *event_shape)
+
+
+def global_uniform(
+    batch: int,
+    event_shape: tuple[int, ...],
+    *,
+    key: int,
+    rank: int = 0,
+    world: int = 1,
+    device=None,
+    dtype=torch.float32,
+) -> Tensor:
+    """Uniform noise on [0, 1) ``[batch, *event_shape]`` for this rank's rows of a global batch: the uniform
+    twin of :func:`global_normal` (``torch.rand`` in float32, then cast), e.g. for Gumbel noise."""
+    generator = torch.Generator(device=device or "cpu")
+    generator.manual_seed(key)
+    noise = torch.rand((batch * world, *event_shape), generator=generator, device=device, dtype=torch.float32)
+    noise = noise.to(dtype)
+    return noise[rank::world] if world > 1 else noise
+
+
+def positional_uniform(
+    batch: int,
+    event_shape: tuple[int, ...],
+    *,
+    key: int,
+    rank: int = 0,
+    world: int = 1,
+    device=None,
+    dtype=torch.float32,
+) -> Tensor:
+    """Uniform noise in (0, 1) ``[batch, *event_shape]`` keyed by global position: the uniform twin of
+    :func:`positional_normal` (element ``e`` of global position ``p`` is the top 53 bits of SplitMix64 of
+    ``(key, p, e)``), exact for uneven evaluation shards."""
+    n = math.prod(event_shape)
+    position = rank + world * torch.arange(batch, device=device, dtype=torch.int64)
+    counter = (position * n)[:, None] + torch.arange(n, device=device, dtype=torch.int64)
+    bits = _splitmix((counter + 1) * _GOLDEN + key)
+    uniform = (_shr(bits, 11).to(torch.float64) + 0.5) / float(1 << 53)  # in (0, 1), never 0
+    return uniform.to(dtype).reshape(batch, *event_shape)

@@ -35,9 +35,9 @@ from torch.distributions import (
 from torch.nn.functional import binary_cross_entropy_with_logits
 from torchmetrics import MeanMetric
 
-from zoo.gaussian import Gaussian, GaussianHead, check_covariance, standard_normal
+from zoo.gaussian import Gaussian, GaussianHead, check_covariance, full_precision, standard_normal, upcast
 from zoo.gradients import MovingAverageBaseline, score_function_surrogate
-from zoo.guards import check_finite
+from zoo.guards import check_data, check_finite
 from zoo.nets import conv_decoder, conv_encoder, is_28x28_image, mlp, numel
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of
 
@@ -46,8 +46,10 @@ _TRAIN_STREAM, _ELBO_STREAM, _IWAE_STREAM = 0, 1, 2
 
 
 def log_mean_exp(log_w: Tensor, dim: int = 0) -> Tensor:
-    """log (1/k) Σ_j exp(log_w_j) along ``dim``, stable for any magnitude (RELIABILITY.md #24)."""
-    return torch.logsumexp(log_w, dim=dim) - math.log(log_w.shape[dim])
+    """log (1/k) Σ_j exp(log_w_j) along ``dim``, stable for any magnitude (RELIABILITY.md #24); float32 or
+    wider also under autocast."""
+    with full_precision(log_w):
+        return torch.logsumexp(upcast(log_w), dim=dim) - math.log(log_w.shape[dim])
 
 
 class VAE(L.LightningModule):
@@ -132,7 +134,7 @@ class VAE(L.LightningModule):
 
     def observation(self, z: Tensor) -> Distribution:
         """p(x | z) for ``z [..., latent_dim]``: batch shape ``[...]``, event shape ``self.shape``."""
-        out, n = self.decode(z), len(self.shape)
+        out, n = upcast(self.decode(z)), len(self.shape)
         if self.likelihood == "bernoulli":
             # validate_args=False: grey-level data in [0, 1] is scored by the same cross-entropy.
             return Independent(Bernoulli(logits=out, validate_args=False), n, validate_args=False)
@@ -144,15 +146,18 @@ class VAE(L.LightningModule):
 
         The closed form of ``observation(z).log_prob(x)`` (Bernoulli: -BCE with logits; Gaussian:
         -((x - m)/s)²/2 - log s - log(2π)/2), written out because it runs every step; the tests check the two
-        agree.
+        agree. The decoder runs under autocast, the terms and their sum in float32 (or wider).
         """
-        out = self.decode(z)
-        if self.likelihood == "bernoulli":
-            log_p = -binary_cross_entropy_with_logits(out, x.expand_as(out), reduction="none")
-        else:
-            log_s = self.log_scale.reshape(self.shape)
-            log_p = -0.5 * ((x - out) * torch.exp(-log_s)) ** 2 - log_s - 0.5 * math.log(2 * math.pi)
-        return log_p.flatten(-len(self.shape)).sum(-1)
+        out = upcast(self.decode(z))
+        with full_precision(out):
+            if self.likelihood == "bernoulli":
+                log_p = -binary_cross_entropy_with_logits(
+                    out, x.expand_as(out).to(out.dtype), reduction="none"
+                )
+            else:
+                log_s = self.log_scale.reshape(self.shape)
+                log_p = -0.5 * ((x - out) * torch.exp(-log_s)) ** 2 - log_s - 0.5 * math.log(2 * math.pi)
+            return log_p.flatten(-len(self.shape)).sum(-1)
 
     def _log_weights(self, x: Tensor, eps: Tensor, q: Gaussian | None = None) -> Tensor:
         """log w_j = log p(x | z_j) + log p(z_j) - log q(z_j | x) for z_j = μ + L ε_j; ``eps [k, B, d]``.
@@ -163,8 +168,9 @@ class VAE(L.LightningModule):
         z = q.rsample(eps)
         if self.estimator == "score":
             z = z.detach()
-        log_q = q.distribution().log_prob(z)
-        return self.log_likelihood(x, z) + self.prior(z).log_prob(z) - log_q  # [k, B]
+        log_px = self.log_likelihood(x, z)
+        with full_precision(z):  # z, log q and the prior in float32 (z is float32 already: q.rsample)
+            return log_px + self.prior(z).log_prob(z) - q.log_prob(z)  # [k, B]
 
     def _elbo(self, x: Tensor, eps: Tensor) -> Tensor:
         """L_1 with the KL in closed form and the reconstruction term averaged over ``eps [k, B, d]``."""
@@ -208,8 +214,9 @@ class VAE(L.LightningModule):
                 "iwae_bound(x, k) or callbacks.elbo_gap.iwae_log_likelihood."
             )
         w, b = self.decoder.weight, self.decoder.bias  # [D, d], [D]
-        covariance = w @ w.T + torch.diag(self.log_scale.exp() ** 2)
-        return MultivariateNormal(b, covariance_matrix=covariance).log_prob(x.flatten(1))
+        with full_precision(w):
+            covariance = w @ w.T + torch.diag(self.log_scale.exp() ** 2)
+            return MultivariateNormal(b, covariance_matrix=covariance).log_prob(upcast(x).flatten(1))
 
     # -- training ---------------------------------------------------------------------------------------
 
@@ -232,7 +239,7 @@ class VAE(L.LightningModule):
             return -bound.mean()
         q = self.posterior_head(self.encoder(x))
         bound = log_mean_exp(self._log_weights(x, eps, q))  # [B]; gradient to θ and through log q's φ
-        log_q = q.distribution().log_prob(q.rsample(eps).detach())  # [k, B]
+        log_q = q.log_prob(q.rsample(eps).detach())  # [k, B]
         surrogate = score_function_surrogate(bound, log_q.sum(0), self.baseline.value)
         batch_mean = bound.detach().mean()
         if self._trainer is not None:
@@ -241,6 +248,11 @@ class VAE(L.LightningModule):
         return -(bound + surrogate).mean()
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        if self.likelihood == "bernoulli":
+            check_data(self, batch, "unit_interval", option="--model.likelihood=bernoulli",
+                       fix="--model.likelihood=gaussian for real-valued data")  # fmt: skip
+        else:
+            check_data(self, batch, "real")
         loss = self.training_loss(batch)
         check_finite(self, "train/loss", loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True)
