@@ -7,24 +7,33 @@
   otherwise, under ``runs/``; ``--trainer.logger`` overrides it (CSVLogger, TensorBoardLogger, or false).
 * The resolved config is saved into every run's own folder (and, for W&B, uploaded with it).
 * A short summary is printed when ``fit`` ends; on SIGTERM the run saves ``last.ckpt`` and exits with 143.
+* ``genzoo predict`` writes ``--samples.n`` samples of any ``Samplable`` family to ``--samples.out`` (.pt,
+  .npz, .png); ``genzoo test`` runs ``test_step`` on the data's test split. A ``--ckpt_path`` that cannot be
+  used fails naming the file and the likely cause (callbacks/checkpoint.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer import Trainer
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 import datamodules  # registers the datamodules' class names
 import zoo  # registers the models' class names
+from callbacks.checkpoint import CheckpointError, check_class, check_weights, is_local_path, read_checkpoint
+from callbacks.predict import SampleWriter, install_sample_predict_step
 from callbacks.preemption import PreemptionCheckpoint
 from callbacks.run import run_dir
 from callbacks.summary import RunSummary
+from zoo.strategies import check_strategy
 
 RUNS_DIR = "runs"
 
@@ -94,7 +103,36 @@ class GenZooCLI(LightningCLI):
             **kwargs,
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads ``--ckpt_path``'s hyperparameters into the model config here; read the file
+        first, so a bad one fails with a :class:`CheckpointError` naming it and the likely cause."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not is_local_path(ckpt_path):
+            return super()._parse_ckpt_path()
+        self._checkpoint = read_checkpoint(ckpt_path)
+        model = getattr(self.config[subcommand].get("model"), "class_path", None)
+        if model is not None:
+            check_class(ckpt_path, self._checkpoint, model)
+        try:
+            super()._parse_ckpt_path()
+        except SystemExit:  # the saved hyperparameters are not arguments of the configured model
+            saved = sorted(k for k in self._checkpoint.get("hyper_parameters", {}) if not k.startswith("_"))
+            raise CheckpointError(
+                f"checkpoint {ckpt_path} holds hyperparameters {saved} that {model} does not take: it was "
+                "saved from another family (or another version of this one). Use the --model (and config) "
+                "of the run that saved it"
+            ) from None
+
     def _run_subcommand(self, subcommand: str) -> None:
+        ckpt_path = self.config_init[subcommand].get("ckpt_path")
+        # Weights that do not fit: a CheckpointError, not torch's message. A model that builds layers in
+        # configure_model has not got them yet; Lightning's strict load checks those.
+        if is_local_path(ckpt_path) and not is_overridden("configure_model", self.model, L.LightningModule):
+            checkpoint = getattr(self, "_checkpoint", None) or read_checkpoint(ckpt_path)
+            check_weights(ckpt_path, checkpoint, self.model)
+        if subcommand == "fit":  # e.g. manual optimisation under FSDP: refuse before anything runs
+            check_strategy(self.model, self.trainer.strategy)
         with wandb_dir_of(self.trainer.logger):
             super()._run_subcommand(subcommand)
 
@@ -102,6 +140,23 @@ class GenZooCLI(LightningCLI):
         parser.link_arguments("data.shape", "model.init_args.shape", apply_on="instantiate")
         parser.add_lightning_class_args(RunSummary, "summary")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":  # --samples.n, --samples.out, --samples.seed, --samples.batch_size
+            parser.add_lightning_class_args(SampleWriter, "samples")
+        return parser
+
+    def predict(self, model: L.LightningModule, datamodule=None, **kwargs):
+        """``genzoo predict``: ``n`` samples from ``model.sample`` written by :class:`SampleWriter` (the
+        configured data only supplies the shape). Families need only ``sample(n, generator=None)``."""
+        writer = self._get(self.config_init, "samples")
+        if not kwargs.get("ckpt_path"):
+            rank_zero_warn("genzoo predict without --ckpt_path samples the untrained model")
+        if kwargs.get("return_predictions") is None:
+            kwargs["return_predictions"] = False  # the writer has them; do not hold them twice
+        model = install_sample_predict_step(model)
+        return self.trainer.predict(model, datamodule=writer.requests(), **kwargs)
 
 
 def default_logger() -> dict:
@@ -137,8 +192,13 @@ def run(args: list[str] | None = None) -> GenZooCLI:
 
 
 def main() -> None:
-    """The ``genzoo`` console script (returns nothing, so the process exits with status 0)."""
-    run()
+    """The ``genzoo`` console script (returns nothing, so the process exits with status 0; an unusable
+    ``--ckpt_path`` exits with status 2 and one line saying why)."""
+    try:
+        run()
+    except CheckpointError as e:
+        print(f"genzoo: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -33,14 +33,15 @@ class Digits(TensorDataModule):
     Pixels ``/16`` to [0, 1]. ``binarize``: ``None`` keeps the 17 grey levels; ``"static"`` draws
     ``x ~ Bernoulli(grey)`` once; ``"dynamic"`` redraws the training set every epoch from
     ``(seed, epoch)`` and binarises val/test once, with the static draw (see :func:`make_splits`).
-    Default split: 1,500 train / 297 val / no test.
+    Default split: 1,500 train / 150 val / 147 test (the 297 held-out images of the earlier 1,500 / 297
+    split, cut in two: the training set is unchanged, val is the first 150 of the old val set).
     """
 
     def __init__(
         self,
         binarize: Binarize | None = None,
-        val_size: int = 297,
-        test_size: int = 0,
+        val_size: int = 150,
+        test_size: int = 147,
         batch_size: int = 64,
         seed: int = 0,
         num_workers: int = 0,
@@ -95,9 +96,12 @@ class MNIST(TensorDataModule):
     """MNIST-format images (MNIST, Fashion-MNIST, ...) read from IDX files in ``root``; shape ``(1, 28, 28)``.
 
     Looks in ``root`` for ``train-images-idx3-ubyte[.gz]`` and ``t10k-images-idx3-ubyte[.gz]``. ``source``
-    picks the file split into train/val (``val_size`` images for val); with ``source="train"`` the t10k
-    file is the test split, with ``source="test"`` there is no test split (the offline copy holds only the
-    10,000 t10k images: 8,000 train / 2,000 val). Pixels ``/255`` to [0, 1]; ``binarize`` as in
+    picks the file split into train/val (``val_size`` images for val, default 2,000); with
+    ``source="train"`` the t10k file is the test split (``test_size`` must stay ``None``); with
+    ``source="test"`` (the offline copy holds only the 10,000 t10k images) the file is split 8,000 train /
+    1,000 val / 1,000 test by default (``val_size`` default 1,000, ``test_size`` default 1,000: the 2,000
+    held-out images of the earlier 8,000 / 2,000 split cut in two, training set unchanged). Pixels ``/255``
+    to [0, 1]; ``binarize`` as in
     :class:`Digits`. ``download=True`` fetches missing files from ``mirror`` in ``prepare_data`` (for
     Fashion-MNIST: ``http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/``).
     """
@@ -107,7 +111,8 @@ class MNIST(TensorDataModule):
         root: str,
         binarize: Binarize | None = None,
         source: Literal["train", "test"] = "train",
-        val_size: int = 2000,
+        val_size: int | None = None,
+        test_size: int | None = None,
         download: bool = False,
         mirror: str = MNIST_MIRROR,
         batch_size: int = 128,
@@ -117,8 +122,18 @@ class MNIST(TensorDataModule):
         super().__init__(batch_size, seed, num_workers)
         check_choice("binarize", binarize, (None, *BINARIZE_MODES))
         check_choice("source", source, tuple(IMAGE_FILES))
+        if val_size is None:
+            val_size = 2000 if source == "train" else 1000
+        if source == "train" and test_size not in (None, 0):
+            raise ValueError(
+                f"test_size={test_size} with source='train': the t10k file is the test split; leave "
+                "test_size unset (or use source='test' to cut a test split out of the t10k file)"
+            )
+        test_size = 0 if source == "train" else (1000 if test_size is None else test_size)
         check_int("val_size", val_size, 0)
+        check_int("test_size", test_size, 0)
         self.root, self.binarize, self.source, self.val_size = Path(root), binarize, source, val_size
+        self.test_size = test_size
         self.download, self.mirror = download, mirror
         self.shape = (1, 28, 28)
 
@@ -171,14 +186,14 @@ class MNIST(TensorDataModule):
         if self.trainer is None:
             self.prepare_data()  # standalone use; under a Trainer, Lightning calls it once per node
         images = self.load(IMAGE_FILES[self.source])
-        if self.val_size >= len(images):
-            raise ValueError(f"val_size={self.val_size} leaves no training image of {len(images)}")
-        train, val = make_splits(
-            images, (len(images) - self.val_size, self.val_size), self.seed, self.binarize
-        )
-        test = torch.empty(0, *self.shape)
+        held_out = self.val_size + self.test_size
+        if held_out >= len(images):
+            raise ValueError(f"val_size + test_size = {held_out} leaves no training image of {len(images)}")
+        sizes = (len(images) - held_out, self.val_size, self.test_size)
+        train, val, test = make_splits(images, sizes, self.seed, self.binarize)
         if self.source == "train":
-            test = self.load(IMAGE_FILES["test"])
+            t10k = self.load(IMAGE_FILES["test"])
             if self.binarize is not None:
-                test = binarize_static(test, derive_seed(self.seed, 2))
-        return [train, val, InMemoryDataset(test)]
+                t10k = binarize_static(t10k, derive_seed(self.seed, 2))
+            test = InMemoryDataset(t10k)
+        return [train, val, test]

@@ -276,9 +276,9 @@ def test_mnist_reads_the_offline_test_split():
 
     dm = MNIST(str(MNIST_T10K.parent), source="test", batch_size=100)
     x = next(iter(dm.train_dataloader()))
-    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 8000, "val": 2000, "test": 0}
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 8000, "val": 1000, "test": 1000}
     assert x.shape == (100, 1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
-    everything = torch.cat([dm.splits["train"].data, dm.splits["val"].data])
+    everything = torch.cat([dm.splits[k].data for k in ("train", "val", "test")])
     assert (everything.double() * 255).round().sum().item() == 264923200  # x = k / 255 exactly up to fp32
 
 
@@ -344,4 +344,47 @@ def test_bad_input_names_the_value_and_the_choices():
     with pytest.raises(ValueError, match="batch_size=5 is not divisible by the world size 2"):
         on_ranks(Dirac(batch_size=5), 2, 0).train_dataloader()
     with pytest.raises(ValueError, match="empty test split"):
-        Digits().test_dataloader()
+        Digits(test_size=0).test_dataloader()
+
+
+# ---------------------------------------------------------------- default test splits
+
+
+def test_digits_has_a_test_split_by_default_and_the_training_set_did_not_move():
+    """Default 1,500 / 150 / 147: the old 1,500 / 297 training set exactly, val the first 150 of the old val
+    set, test the other 147; disjoint by index (pixels can repeat between digits, indices cannot)."""
+    for seed in (0, 3):
+        new = splits(Digits(seed=seed))
+        assert {k: len(v) for k, v in new.items()} == {"train": 1500, "val": 150, "test": 147}
+        old = splits(Digits(val_size=297, test_size=0, seed=seed))
+        assert torch.equal(new["train"], old["train"])
+        assert torch.equal(torch.cat([new["val"], new["test"]]), old["val"])
+    index = splits_by_index(1797, (1500, 150, 147), 0)
+    assert len(set().union(*index)) == 1797
+
+
+def splits_by_index(n: int, sizes, seed: int) -> list[set[int]]:
+    from datamodules.base import split_indices
+
+    return [set(i.tolist()) for i in split_indices(n, sizes, seed)]
+
+
+@needs_mnist
+def test_mnist_offline_test_split_leaves_the_training_set_unchanged():
+    new = splits(MNIST(str(MNIST_T10K.parent), source="test", seed=1))
+    old = splits(MNIST(str(MNIST_T10K.parent), source="test", val_size=2000, test_size=0, seed=1))
+    assert torch.equal(new["train"], old["train"]) and len(new["train"]) == 8000
+    assert torch.equal(torch.cat([new["val"], new["test"]]), old["val"])
+
+
+def test_mnist_test_size_with_the_train_file_is_refused():
+    with pytest.raises(ValueError, match="the t10k file is the test split"):
+        MNIST("x", source="train", test_size=500)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: Digits(), lambda: Toy2D(), lambda: Dirac()], ids=["Digits", "Toy2D", "Dirac"]
+)
+def test_every_datamodule_has_a_test_loader_by_default(make):
+    dm = make()
+    assert sum(len(b) for b in dm.test_dataloader()) == len(dm.splits["test"]) > 0
