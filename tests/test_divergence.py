@@ -151,26 +151,30 @@ def test_refit_jsd_matches_quadrature_for_two_gaussians(m1: float, s1: float) ->
     0.01."""
     g = torch.Generator().manual_seed(3)
     p, q = torch.randn(4000, 1, generator=g), torch.randn(4000, 1, generator=g) * s1 + m1
-    estimate = estimate_divergence(p, q, "js", steps=300, seed=0)
+    estimate = estimate_divergence(p, q, "js", seed=0)
     assert abs(estimate - jsd_quadrature(0.0, 1.0, m1, s1)) < (0.01 if m1 == 0 else 0.02)
 
 
 def test_refit_jsd_of_disjoint_supports_is_log2() -> None:
-    """Supports 30 standard deviations apart: the refit gives log 2 within 1e-3 (seed 003 Q7)."""
+    """Supports 30 standard deviations apart: the refit gives log 2 within 2e-3 (seed 003 Q7; its early
+    stopping ends once the validation loss, 2 (log 2 - JSD), improves by less than 1e-3 nats)."""
     g = torch.Generator().manual_seed(0)
     p, q = torch.randn(1000, 2, generator=g), torch.randn(1000, 2, generator=g) + 30.0
-    assert estimate_divergence(p, q, "js", steps=200) == pytest.approx(LOG2, abs=1e-3)
+    assert estimate_divergence(p, q, "js") == pytest.approx(LOG2, abs=2e-3)
 
 
 def test_refit_jsd_on_a_toy2d_mixture() -> None:
-    """N(0, I) against the 8-Gaussian ring (std 0.02): the refit with 1000 steps is within 0.02 nats of the
-    2-D quadrature (seen: 0.680 vs 0.684); the standard error it reports is < 0.01."""
+    """N(0, I) against the 8-Gaussian ring (std 0.02), only 2000 + 2000 fitting samples: the default refit is
+    within 0.03 nats of the 2-D quadrature (seen: 0.663 vs 0.684: with 200 points a mode the critic's modes
+    are wider than 0.02; tests/test_estimator_truth.py has the larger samples), converged before its cap,
+    and the standard error it reports is < 0.01."""
     data, _, true = mixture_vs_gaussian()
     g = torch.Generator().manual_seed(0)
     p, q = data.sample(4000, g), torch.randn(4000, 2, generator=g)
-    result = refit_divergence(p, q, "js", steps=1000, seed=0)
-    assert abs(result["jsd"] - true) < 0.02
+    result = refit_divergence(p, q, "js", seed=0)
+    assert abs(result["jsd"] - true) < 0.03
     assert result["jsd_se"] < 0.01
+    assert result["converged"] == 1.0 and result["steps"] < 3000
 
 
 def test_refit_kl_bounds_for_two_gaussians() -> None:
@@ -178,11 +182,11 @@ def test_refit_kl_bounds_for_two_gaussians() -> None:
     dv, and identical distributions give |KL| < 0.02."""
     g = torch.Generator().manual_seed(0)
     p, q = torch.randn(4000, 1, generator=g), torch.randn(4000, 1, generator=g) + 1.0
-    result = refit_divergence(p, q, "kl", steps=200)
+    result = refit_divergence(p, q, "kl")
     assert abs(result["kl_dv"] - 0.5) < 0.06 and abs(result["kl_nwj"] - 0.5) < 0.06
     assert result["kl_nwj"] <= result["kl_dv"]
     same = torch.randn(4000, 1, generator=g)
-    assert abs(estimate_divergence(p, same, "kl", steps=200)) < 0.02
+    assert abs(estimate_divergence(p, same, "kl")) < 0.02
 
 
 def test_refit_is_deterministic_and_leaves_the_global_rng_alone() -> None:
@@ -279,7 +283,7 @@ def fit(model, callback, max_epochs: int, folder: Path, ckpt_path: str | None = 
 def test_callback_on_an_optimal_discriminator_logs_the_true_jsd(tmp_path: Path) -> None:
     """The stub's discriminator is exactly optimal and frozen (lr=0): divergence/jsd is the quadrature JSD of
     N(0,1) vs N(1,1) within 4 of its standard errors (2000 examples each), and the refit within 0.03 nats."""
-    callback = DivergenceEstimator(every_n_epochs=1, n_examples=2000, batch_size=512, refit_steps=300)
+    callback = DivergenceEstimator(every_n_epochs=1, n_examples=2000, batch_size=512)
     trainer = fit(ShiftGAN(shift=1.0, lr=0.0), callback, 1, tmp_path)
     true = jsd_quadrature(0.0, 1.0, 1.0, 1.0)
     metrics = trainer.callback_metrics
@@ -292,7 +296,7 @@ def test_callback_on_an_optimal_discriminator_logs_the_true_jsd(tmp_path: Path) 
 def test_callback_on_a_critic_logs_kl_bounds(tmp_path: Path) -> None:
     """A critic T = log p/q (the DV optimum, frozen): divergence/kl_dv is KL = 0.5 within 4 standard errors,
     kl_nwj <= kl_dv, and the refit's bounds are within 0.1 of 0.5 (1000 held-out examples each)."""
-    callback = DivergenceEstimator(every_n_epochs=1, n_examples=2000, refit_steps=200)
+    callback = DivergenceEstimator(every_n_epochs=1, n_examples=2000)
     trainer = fit(ShiftCritic(shift=1.0, lr=0.0), callback, 1, tmp_path)
     m = {
         k.split("/")[1]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("divergence/")
