@@ -1,5 +1,6 @@
 """Callbacks: diagnostics that work on any module offering the matching capability, plus pictures."""
 
+from callbacks.density import DensityMap
 from callbacks.divergence import DivergenceEstimator
 from callbacks.eigen import EigenvalueTracker
 from callbacks.elbo_gap import ELBOGapMonitor
@@ -9,6 +10,7 @@ from callbacks.samples import SampleGrid
 from callbacks.summary import RunSummary
 
 __all__ = [
+    "DensityMap",
     "DivergenceEstimator",
     "ELBOGapMonitor",
     "EigenvalueTracker",

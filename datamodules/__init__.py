@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from datamodules.base import InMemoryDataset, ShardSampler, TensorDataModule
+from datamodules.episodes import Episodes
 from datamodules.images import MNIST, Digits, read_idx
 from datamodules.toy import Dirac, Toy2D
 
@@ -25,6 +26,7 @@ __all__ = [
     "MNIST",
     "Digits",
     "Dirac",
+    "Episodes",
     "InMemoryDataset",
     "ShardSampler",
     "TensorDataModule",
