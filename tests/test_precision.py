@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -184,7 +185,7 @@ def fp16_with_a_scaler() -> MixedPrecision:
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_mixed_precision_trains_a_few_steps_with_finite_losses_and_float32_weights(
-    case: Case, precision: str
+    case: Case, precision: str, tmp_path: Path
 ) -> None:
     """Finite losses and float32 weights after 4 steps; the weights moved, or (16-mixed) the GradScaler
     skipped the steps whose scaled gradients overflowed and lowered its scale, as it does on a GPU. fp16
@@ -198,7 +199,7 @@ def test_mixed_precision_trains_a_few_steps_with_finite_losses_and_float32_weigh
     trainer = L.Trainer(
         **how, accelerator="cpu", devices=1, max_steps=4, limit_val_batches=1,
         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_model_summary=False, default_root_dir=tmp_path,  # pictures (DiracGAN) go there, not to ./
     )  # fmt: skip
     trainer.fit(model, case.data())  # the guards raise on any non-finite loss or gradient
     assert trainer.global_step >= 3

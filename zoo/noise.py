@@ -88,10 +88,7 @@ def global_normal(
     Requires every rank to hold ``batch`` examples (true for training shards, which DistributedSampler
     pads to equal size). Identical to ``randn(batch * world, ...)[rank::world]`` under one generator.
     """
-    generator = torch.Generator(device=device or "cpu")
-    generator.manual_seed(key)
-    noise = randn((batch * world, *event_shape), generator=generator, device=device, dtype=dtype)
-    return noise[rank::world] if world > 1 else noise
+    return _global_rows(torch.randn, batch, event_shape, key, rank, world, device, dtype)
 
 
 def positional_normal(
@@ -110,10 +107,7 @@ def positional_normal(
     ``(key, p, e)`` only: Box-Muller on two uniforms taken from the top 53 bits of SplitMix64 outputs.
     """
     n = math.prod(event_shape)
-    position = rank + world * torch.arange(batch, device=device, dtype=torch.int64)
-    counter = (position * (2 * n))[:, None] + torch.arange(2 * n, device=device, dtype=torch.int64)
-    bits = _splitmix((counter + 1) * _GOLDEN + key)
-    uniform = (_shr(bits, 11).to(torch.float64) + 0.5) / float(1 << 53)  # in (0, 1), never 0
+    uniform = _positional_uniform53(batch, 2 * n, key, rank, world, device)
     u1, u2 = uniform[:, :n], uniform[:, n:]
     normal = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
     return normal.to(dtype).reshape(batch, *event_shape)
@@ -131,11 +125,7 @@ def global_uniform(
 ) -> Tensor:
     """Uniform noise on [0, 1) ``[batch, *event_shape]`` for this rank's rows of a global batch: the uniform
     twin of :func:`global_normal` (``torch.rand`` in float32, then cast), e.g. for Gumbel noise."""
-    generator = torch.Generator(device=device or "cpu")
-    generator.manual_seed(key)
-    noise = torch.rand((batch * world, *event_shape), generator=generator, device=device, dtype=torch.float32)
-    noise = noise.to(dtype)
-    return noise[rank::world] if world > 1 else noise
+    return _global_rows(torch.rand, batch, event_shape, key, rank, world, device, dtype)
 
 
 def positional_uniform(
@@ -151,9 +141,25 @@ def positional_uniform(
     """Uniform noise in (0, 1) ``[batch, *event_shape]`` keyed by global position: the uniform twin of
     :func:`positional_normal` (element ``e`` of global position ``p`` is the top 53 bits of SplitMix64 of
     ``(key, p, e)``), exact for uneven evaluation shards."""
-    n = math.prod(event_shape)
+    uniform = _positional_uniform53(batch, math.prod(event_shape), key, rank, world, device)
+    return uniform.to(dtype).reshape(batch, *event_shape)
+
+
+def _global_rows(draw, batch: int, event_shape, key: int, rank: int, world: int, device, dtype) -> Tensor:
+    """This rank's rows of ``draw((batch * world, *event_shape))`` (``torch.randn`` or ``torch.rand``) under
+    one generator seeded with ``key``, drawn in float32 whatever ``dtype`` asks for, then cast (as
+    :func:`randn`)."""
+    generator = torch.Generator(device=device or "cpu")
+    generator.manual_seed(key)
+    noise = draw((batch * world, *event_shape), generator=generator, device=device, dtype=torch.float32)
+    noise = noise.to(dtype)
+    return noise[rank::world] if world > 1 else noise
+
+
+def _positional_uniform53(batch: int, n: int, key: int, rank: int, world: int, device) -> Tensor:
+    """``[batch, n]`` float64 uniforms in (0, 1), never 0: element ``e`` of the example at global position
+    ``p = rank + world * j`` is the top 53 bits of SplitMix64 of counter ``p * n + e`` under ``key``."""
     position = rank + world * torch.arange(batch, device=device, dtype=torch.int64)
     counter = (position * n)[:, None] + torch.arange(n, device=device, dtype=torch.int64)
     bits = _splitmix((counter + 1) * _GOLDEN + key)
-    uniform = (_shr(bits, 11).to(torch.float64) + 0.5) / float(1 << 53)  # in (0, 1), never 0
-    return uniform.to(dtype).reshape(batch, *event_shape)
+    return (_shr(bits, 11).to(torch.float64) + 0.5) / float(1 << 53)
