@@ -1,5 +1,6 @@
 """Callbacks: diagnostics that work on any module offering the matching capability, plus pictures."""
 
+from callbacks.compile import Compile
 from callbacks.density import DensityMap
 from callbacks.divergence import DivergenceEstimator
 from callbacks.eigen import EigenvalueTracker
@@ -10,6 +11,7 @@ from callbacks.samples import SampleGrid
 from callbacks.summary import RunSummary
 
 __all__ = [
+    "Compile",
     "DensityMap",
     "DivergenceEstimator",
     "ELBOGapMonitor",
