@@ -27,7 +27,7 @@ def cli_env() -> dict[str, str]:
 
 
 def cli_run(
-    folder: Path, devices: int, *args: str, strategy: str | None = None, timeout: int = 300
+    folder: Path, devices: int, *args: str, strategy: str | None = None, timeout: int = 900
 ) -> subprocess.CompletedProcess:
     """Run ``cli.py fit *args`` on ``devices`` CPU processes (``ddp`` when more than one, unless ``strategy``
     says otherwise) with a CSVLogger under ``folder``, its log folder ``folder/version_0``."""
@@ -42,7 +42,7 @@ def cli_run(
     return subprocess.run(command, cwd=folder, env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def cli_fit(folder: Path, devices: int, *args: str, strategy: str | None = None, timeout: int = 300) -> Path:
+def cli_fit(folder: Path, devices: int, *args: str, strategy: str | None = None, timeout: int = 900) -> Path:
     """:func:`cli_run`, asserting that it succeeded; returns its log folder."""
     result = cli_run(folder, devices, *args, strategy=strategy, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -130,7 +130,7 @@ def test_ddp_spawn_with_the_default_wandb_logger(tmp_path: Path) -> None:
         "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp_spawn",
         "--trainer.enable_progress_bar=false", "--trainer.callbacks=SampleGrid",
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = (tmp_path / "runs" / "wandb").glob("offline-run-*")
     assert (run / "files" / "config.yaml").exists()

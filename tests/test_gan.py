@@ -447,13 +447,13 @@ def cli_command(
     return args, env
 
 
-def cli_fit(folder: Path, devices: int, strategy: str, *model_args: str, timeout: int = 180, **data):
+def cli_fit(folder: Path, devices: int, strategy: str, *model_args: str, timeout: int = 900, **data):
     """``cli.py fit`` in a fresh process (see :func:`cli_command`); returns the CompletedProcess."""
     args, env = cli_command(folder, devices, strategy, *model_args, **data)
     return subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def cli_fit_together(runs: dict[Path, tuple], *model_args: str, timeout: int = 180) -> None:
+def cli_fit_together(runs: dict[Path, tuple], *model_args: str, timeout: int = 900) -> None:
     """Several ``cli.py fit`` runs at once, ``{folder: (devices, strategy)}``; asserts each succeeded."""
     processes = {}
     for folder, (devices, strategy) in runs.items():
@@ -566,7 +566,7 @@ def test_nan_on_one_rank_stops_both_with_the_message(tmp_path: Path) -> None:
         *GAN_ARGS,
         data="test_gan.NaNToy2D",
         data_args=[f"--data.nan_index={index}"],
-        timeout=120,
+        timeout=900,
     )
     assert result.returncode != 0
     expected = f"global_step={2 * bad_batch}, epoch=0, batch_idx={bad_batch}"

@@ -152,7 +152,7 @@ def test_the_vae_with_lr_1e8_stops_naming_the_step_and_its_checkpoint_holds_fini
     result = cli_run(
         tmp_path, 1, "--model=VAE", "--model.lr=1e8", "--model.hidden=[32]", "--data=Digits",
         "--data.binarize=static", "--data.batch_size=4096", "--trainer.max_epochs=5",
-        "--trainer.limit_val_batches=1", timeout=240,
+        "--trainer.limit_val_batches=1", timeout=900,
     )  # fmt: skip
     assert result.returncode != 0
     assert re.search(r"NonFiniteLossError: VAE: train/loss is (nan|inf)", result.stderr), result.stderr[

@@ -28,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_nodes(folder: Path, *args: str, timeout: int = 240) -> Path:
+def launch_two_nodes(folder: Path, *args: str, timeout: int = 900) -> Path:
     """Start node 0 and node 1 (one process each) on the loopback address; return node 0's log folder."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()

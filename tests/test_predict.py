@@ -137,7 +137,7 @@ def test_two_processes_write_the_one_process_file(trained, tmp_path: Path) -> No
         "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", *QUIET,
         "--samples.n=10", "--samples.batch_size=3", f"--samples.out={out}",
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=240)
+    result = subprocess.run(command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("genzoo: wrote 10 samples") == 1  # rank 0 alone wrote
     samples = torch.load(out, weights_only=True)
@@ -176,7 +176,7 @@ def test_load_from_checkpoint_and_sample_in_a_fresh_process(trained, tmp_path: P
     args = [str(a) for name, run in trained.items() for a in (name, run.checkpoint)]
     result = subprocess.run(
         [sys.executable, "-c", FRESH, *args], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
-        timeout=120,
+        timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     fresh = torch.load(tmp_path / "fresh.pt", weights_only=True)
@@ -258,7 +258,7 @@ def test_a_checkpoint_without_the_clis_class_path(trained, tmp_path: Path, monke
 def test_the_console_script_prints_one_line_and_exits_2(trained, tmp_path: Path) -> None:
     (tmp_path / "empty.ckpt").write_bytes(b"")
     command = [sys.executable, str(ROOT / "cli.py"), "test", *trained["VAE"].args, "--ckpt_path=empty.ckpt"]
-    result = subprocess.run(command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("genzoo: error: checkpoint empty.ckpt is empty")
     assert "Traceback" not in result.stderr
