@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runs import cli_fit, metric_rows
+from cli_runs import check_parity_and_resume
 from scipy.stats import chi2
 
 from zoo import MADE, PixelCNN
@@ -254,11 +254,6 @@ RECIPES = {
 DATA = ("--data=Digits", "--data.binarize=dynamic", "--data.batch_size=64")
 
 
-def final_state(log_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
-    (checkpoint,) = (log_dir / "checkpoints").glob(f"epoch={epoch}-*.ckpt")
-    return torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-
-
 @pytest.mark.ddp
 @pytest.mark.parametrize("family", sorted(RECIPES))
 def test_two_processes_match_one_and_a_resumed_run_continues_exactly(tmp_path: Path, family: str) -> None:
@@ -272,31 +267,4 @@ def test_two_processes_match_one_and_a_resumed_run_continues_exactly(tmp_path: P
       and the epoch-3 val/nll equal bit for bit (dynamic binarisation and MADE's mask set are functions of
       the epoch and global_step, both restored).
     """
-    args = (*RECIPES[family], *DATA)
-    pictures = (
-        "--trainer.callbacks=SampleGrid",
-        "--trainer.callbacks.every_n_epochs=1",
-        "--trainer.callbacks.n=16",
-    )
-    runs = {}
-    for devices in (1, 2):
-        log_dir = cli_fit(tmp_path / f"devices{devices}", devices, *args, "--trainer.max_epochs=2", *pictures)
-        assert len(list((log_dir / "samples").glob("*.png"))) == 2
-        runs[devices] = log_dir, metric_rows(log_dir, "val/nll"), final_state(log_dir, 1)
-    (first, rows1, state1), (_, rows2, state2) = runs[1], runs[2]
-    assert len(rows1) == len(rows2) == 2
-    for one, two in zip(rows1, rows2, strict=True):
-        for key in ("val/nll", "val/bpd"):
-            assert float(one[key]) == pytest.approx(float(two[key]), abs=1e-4), key
-    assert state1.keys() == state2.keys()
-    for name in state1:
-        torch.testing.assert_close(state1[name], state2[name], atol=1e-6, rtol=1e-5, msg=name)
-
-    (checkpoint,) = (first / "checkpoints").glob("epoch=1-*.ckpt")
-    resumed = cli_fit(tmp_path / "resumed", 1, *args, "--trainer.max_epochs=3", f"--ckpt_path={checkpoint}")
-    straight = cli_fit(tmp_path / "straight", 1, *args, "--trainer.max_epochs=3")
-    a, b = final_state(straight, 2), final_state(resumed, 2)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    assert metric_rows(straight, "val/nll")[2]["val/nll"] == metric_rows(resumed, "val/nll")[0]["val/nll"]
+    check_parity_and_resume(tmp_path, (*RECIPES[family], *DATA), ("val/bpd", "val/nll"))
