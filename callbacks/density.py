@@ -8,14 +8,13 @@ datamodule's exact ``log_prob`` (Toy2D mixtures, checkerboard); without either o
 
 from __future__ import annotations
 
-import io
-
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 from torch import Tensor
 
 from callbacks.run import log_image
+from callbacks.samples import drawing_epoch, evaluating, figure_image
 from zoo.capabilities import Samplable, require
 
 
@@ -52,9 +51,7 @@ class DensityMap(Callback):
         require(pl_module, Samplable, type(self).__name__)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        epoch = trainer.current_epoch + 1
-        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        if (epoch % self.every_n_epochs == 0 or last) and trainer.is_global_zero:
+        if drawing_epoch(trainer, self.every_n_epochs) and trainer.is_global_zero:
             self.draw(trainer, pl_module)
 
     @torch.no_grad()
@@ -78,19 +75,19 @@ class DensityMap(Callback):
     def draw(self, trainer: Trainer, pl_module: LightningModule):
         if tuple(getattr(pl_module, "shape", ())) != (2,):
             return None
-        was_training = pl_module.training
-        pl_module.eval()
-        panels = {"model": self.model_density(pl_module)}
-        target = getattr(pl_module, "target_log_prob", None)
-        datamodule = getattr(trainer, "datamodule", None)
-        if getattr(pl_module, "objective", None) != "reverse" or getattr(pl_module, "target", 0) is None:
-            target = (
-                getattr(datamodule, "log_prob", None) if getattr(datamodule, "has_log_prob", False) else None
-            )
-        if target is not None:
-            with torch.no_grad():
-                panels["target"] = self.on_grid(target, pl_module).exp()
-        pl_module.train(was_training)
+        with evaluating(pl_module):
+            panels = {"model": self.model_density(pl_module)}
+            target = getattr(pl_module, "target_log_prob", None)
+            datamodule = getattr(trainer, "datamodule", None)
+            if getattr(pl_module, "objective", None) != "reverse" or getattr(pl_module, "target", 0) is None:
+                target = (
+                    getattr(datamodule, "log_prob", None)
+                    if getattr(datamodule, "has_log_prob", False)
+                    else None
+                )
+            if target is not None:
+                with torch.no_grad():
+                    panels["target"] = self.on_grid(target, pl_module).exp()
         title = f"epoch {trainer.current_epoch + 1}"
         return log_image(trainer, "density", self.picture(panels, title), caption=title)
 
@@ -107,8 +104,4 @@ class DensityMap(Callback):
             ax.set_title(f"{name}, {title}", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", bbox_inches="tight")
-        plt.close(fig)
-        buffer.seek(0)
-        return Image.open(buffer).convert("RGB")
+        return figure_image(fig)

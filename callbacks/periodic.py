@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from callbacks.samples import evaluating
 from zoo.noise import mix_key
 
 Split = Literal["val", "train", "test"]
@@ -134,12 +135,8 @@ class PeriodicDiagnostic(Callback):
         """Evaluate now on every process, log, record, and draw (rank 0). Returns the logged values."""
         if self.fixed is None:
             self.fixed = fixed_subset(trainer, self.n_examples, self.split)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with evaluating(pl_module):
             values = self.evaluate(trainer, pl_module)
-        finally:
-            pl_module.train(was_training)
         values = trainer.strategy.broadcast(values, src=0)  # every rank logs and decides on rank 0's numbers
         step = trainer.global_step
         self.history.append({"epoch": float(trainer.current_epoch), "step": float(step), **values})

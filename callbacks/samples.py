@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -34,6 +35,35 @@ def image_grid(images: Tensor, min_size: int = 256) -> Image.Image:
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
 
 
+def figure_image(fig) -> Image.Image:
+    """A matplotlib figure as an RGB PIL image (PNG, tight bounding box); the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def drawing_epoch(trainer: Trainer, every_n_epochs: int) -> bool:
+    """Whether the epoch that just ended is one to draw after: every ``every_n_epochs``-th and the last."""
+    epoch = trainer.current_epoch + 1
+    last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+    return epoch % every_n_epochs == 0 or last
+
+
+@contextmanager
+def evaluating(module: LightningModule):
+    """``module`` in eval mode for the block, then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 def scatter_plot(samples: Tensor, reference: Tensor | None = None, title: str = "") -> Image.Image:
     """2-D samples (blue) over optional reference data (grey) as a PNG image."""
     import matplotlib
@@ -50,11 +80,7 @@ def scatter_plot(samples: Tensor, reference: Tensor | None = None, title: str = 
     ax.set_aspect("equal")
     ax.set_title(title)
     ax.legend(loc="upper right", markerscale=4, fontsize=8)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(fig)
-    buffer.seek(0)
-    return Image.open(buffer).convert("RGB")
+    return figure_image(fig)
 
 
 class SampleGrid(Callback):
@@ -80,18 +106,14 @@ class SampleGrid(Callback):
         require(pl_module, Samplable, type(self).__name__)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        epoch = trainer.current_epoch + 1
-        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        if (epoch % self.every_n_epochs == 0 or last) and trainer.is_global_zero:
+        if drawing_epoch(trainer, self.every_n_epochs) and trainer.is_global_zero:
             self.draw(trainer, pl_module)
 
     def draw(self, trainer: Trainer, pl_module: LightningModule):
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         kwargs = {"mean": True} if self.mean and _accepts(pl_module.sample, "mean") else {}
-        was_training = pl_module.training
-        pl_module.eval()
-        x = pl_module.sample(self.n, generator=generator, **kwargs)
-        pl_module.train(was_training)
+        with evaluating(pl_module):
+            x = pl_module.sample(self.n, generator=generator, **kwargs)
         title = f"epoch {trainer.current_epoch + 1}"
         if x.dim() == 4:
             picture = image_grid(x)
