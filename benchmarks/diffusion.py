@@ -28,27 +28,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.callbacks import EMAWeightAveraging
+from recipes import recipe
 
 from callbacks.quality import mode_coverage
 from datamodules import Toy2D
 from zoo import Diffusion
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def recipe(name: str) -> tuple[dict, dict, dict, dict]:
-    """Model, data and trainer arguments and the EMA callback's arguments of configs/diffusion_<name>.yaml."""
-    config = yaml.safe_load((ROOT / "configs" / f"diffusion_{name}.yaml").read_text())
-    model = dict(config["model"]["init_args"])
-    data = dict(config["data"]["init_args"])
-    trainer = {k: v for k, v in config["trainer"].items() if k != "callbacks"}
-    ema = next(
-        (c.get("init_args", {}) for c in config["trainer"].get("callbacks", []) if "EMA" in c["class_path"]),
-        None,
-    )
-    return model, data, trainer, ema
 
 
 def main() -> None:
@@ -63,7 +48,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
 
-    model_args, data_args, trainer_args, ema_args = recipe(args.name)
+    model_args, data_args, trainer_args, callbacks = recipe(f"diffusion_{args.name}")
+    ema_args = callbacks.get("EMAWeightAveraging")
     epochs = args.epochs or trainer_args.get("max_epochs", 100)
     L.seed_everything(args.seed, verbose=False)
     model = Diffusion(shape=(2,), **{**model_args, "seed": args.seed})

@@ -27,42 +27,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
+from recipes import EpochLog, recipe
 
 from datamodules import Toy2D
 from zoo import Flow
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "flow_maf_8gaussians.yaml"
-
-
-def recipe() -> tuple[dict, dict, dict]:
-    """Model, data and trainer arguments of configs/flow_maf_8gaussians.yaml."""
-    config = yaml.safe_load(CONFIG.read_text())
-    trainer = {k: v for k, v in config["trainer"].items() if k != "callbacks"}
-    return dict(config["model"]["init_args"]), dict(config["data"]["init_args"]), trainer
-
-
-class EpochLog(L.Callback):
-    """``val/kl`` and wall time after every validation run (not the sanity check)."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict] = []
-        self.started = time.perf_counter()
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.started = time.perf_counter()
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            row = {
-                "epoch": trainer.current_epoch + 1,
-                "step": trainer.global_step,
-                "seconds": round(time.perf_counter() - self.started, 1),
-                "val_kl": round(float(trainer.callback_metrics["val/kl"]), 4),
-            }
-            self.rows.append(row)
-            print(row, flush=True)
 
 
 @torch.no_grad()
@@ -74,11 +42,11 @@ def kl_to_data(model: Flow, data: Toy2D, n: int = 20_000, seed: int = 12345) -> 
 
 
 def run(transform: str, name: str, epochs: int, seed: int) -> dict:
-    model_args, data_args, trainer_args = recipe()
+    model_args, data_args, trainer_args, _ = recipe("flow_maf_8gaussians")
     L.seed_everything(seed, verbose=False)
     model = Flow(shape=(2,), **{**model_args, "transform": transform, "seed": seed})
     data = Toy2D(**{**data_args, "name": name})
-    log = EpochLog()
+    log = EpochLog({"val_kl": "val/kl"})
     trainer = L.Trainer(
         max_epochs=epochs, gradient_clip_val=trainer_args.get("gradient_clip_val"), accelerator="cpu",
         devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -109,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    epochs = args.epochs or recipe()[2].get("max_epochs", 50)
+    epochs = args.epochs or recipe("flow_maf_8gaussians")[2].get("max_epochs", 50)
     results = [run(t, d, epochs, args.seed) for d in args.data for t in args.transforms]
     for r in results:
         print(

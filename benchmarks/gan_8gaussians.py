@@ -25,48 +25,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
+from recipes import EpochLog, recipe
 
 from callbacks.quality import mode_coverage
 from datamodules import Toy2D
 from zoo import GAN
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "gan_8gaussians.yaml"
-
-
-def recipe() -> tuple[dict, dict, dict]:
-    """Model, data and trainer arguments of configs/gan_8gaussians.yaml."""
-    config = yaml.safe_load(CONFIG.read_text())
-    model = dict(config["model"]["init_args"])
-    data = dict(config["data"]["init_args"])
-    trainer = {k: v for k, v in config["trainer"].items() if k not in ("callbacks",)}
-    return model, data, trainer
-
-
-class EpochLog(L.Callback):
-    """Validation numbers and wall time after every validation run (not the sanity check)."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict] = []
-        self.started = time.perf_counter()
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.started = time.perf_counter()
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking:
-            return
-        metrics = trainer.callback_metrics
-        row = {
-            "epoch": trainer.current_epoch + 1,
-            "global_step": trainer.global_step,
-            "seconds": round(time.perf_counter() - self.started, 2),
-            "modes_covered": int(metrics["val/modes_covered"]),
-            "high_quality": round(float(metrics["val/high_quality"]), 4),
-        }
-        self.rows.append(row)
-        print(row, flush=True)
 
 
 def main() -> None:
@@ -79,12 +42,12 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
 
-    model_args, data_args, trainer_args = recipe()
+    model_args, data_args, trainer_args, _ = recipe("gan_8gaussians")
     epochs = args.epochs or trainer_args.get("max_epochs", 30)
     L.seed_everything(args.seed, verbose=False)
     model = GAN(shape=(2,), **{**model_args, "seed": args.seed})
     data = Toy2D(**data_args)
-    log = EpochLog()
+    log = EpochLog({"modes_covered": "val/modes_covered", "high_quality": "val/high_quality"})
     trainer = L.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[log],
