@@ -20,9 +20,22 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 from torch import Tensor, nn
 
-from datamodules import Digits, Dirac, Toy2D
+from datamodules import Digits, Dirac, Episodes, Toy2D
 from datamodules.base import InMemoryDataset, TensorDataModule
-from zoo import FGAN, GAN, MADE, NCE, VAE, Diffusion, DiracGAN, DiscreteVAE, ExplicitGaussian, Flow, PixelCNN
+from zoo import (
+    FGAN,
+    GAN,
+    MADE,
+    NCE,
+    VAE,
+    Diffusion,
+    DiracGAN,
+    DiscreteVAE,
+    ExplicitGaussian,
+    Flow,
+    PixelCNN,
+    Set2Model,
+)
 
 # bf16 keeps 8 significant bits: unit roundoff u = 2^-8 (0.39%). The networks' outputs are rounded to bf16
 # once per layer; everything after them (the loss's terms and their sum) is float32. A loss summed in bf16
@@ -152,13 +165,18 @@ CASES: list[Case] = [
     ),
     Case("nce_mlp", lambda: NCE(shape=(2,), hidden=(32, 32), k=5), toy),
     Case("explicit_gaussian_natural", lambda: ExplicitGaussian(shape=(2,), fisher_samples=64), toy),
+    Case(
+        "set2model",
+        lambda: Set2Model(shape=(1, 8, 8), embedding_dim=4, n_components=2, em_steps=5, hidden=(16,)),
+        lambda: Episodes(train_episodes=32, val_episodes=8, test_episodes=8, batch_size=8),
+    ),
 ]
 
 
 def first_batch(data: L.LightningDataModule) -> Tensor:
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    return batch[0] if isinstance(batch, list | tuple) else batch
+    return batch[0] if isinstance(batch, list | tuple) and len(batch) == 1 else batch  # Set2Model: 3
 
 
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

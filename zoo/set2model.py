@@ -18,6 +18,11 @@ Vakhitov, Kuzmin & Lempitsky, "Set2Model Networks: Learning Discriminatively To 
   With one component and a fixed unit isotropic scale (``covariance="fixed"``) it is a prototypical
   network (Snell et al. 2017): log p(q) = -|q - mean(set)|²/2 + const.
 
+Mixed precision (``bf16-mixed``, ``16-mixed``): only the embedding network runs in the half type; the
+embeddings are cast to float32 and the EM fit, its implicit backward (an eigensolve: no half-type kernels,
+and 8 significant bits would swamp its stationarity conditions) and the query log-likelihoods run with
+autocast off.
+
 Set2Model is a discriminative learner of generative models of SETS; it is not a generative model of
 images, so it offers no ``sample(n)`` and does not claim the ``Samplable`` capability.
 """
@@ -34,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn.functional import binary_cross_entropy_with_logits
 from torchmetrics import MeanMetric, Metric
 
+from zoo.gaussian import full_precision, upcast
 from zoo.guards import check_data, check_finite
 from zoo.nets import mlp, numel
 
@@ -350,6 +356,11 @@ class ImplicitGMM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_weights, g_means, g_scales):
+        with full_precision(ctx.saved_tensors[0]):  # the eigensolve and the solve in float32, autocast or not
+            return ImplicitGMM._backward(ctx, g_weights, g_means, g_scales)
+
+    @staticmethod
+    def _backward(ctx, g_weights, g_means, g_scales):
         x, mask, weights, means, scales = ctx.saved_tensors
         fit = Mixture(weights, means, scales)
         S, K, D = means.shape
@@ -425,9 +436,9 @@ def fit_gmm(
         )
     if mask is not None:
         mask = mask.to(device=embeddings.device, dtype=torch.bool)
-    return Mixture(
-        *ImplicitGMM.apply(embeddings, mask, n_components, em_steps, min_scale, fixed_scale, hard_tol)
-    )
+    x = upcast(embeddings)  # under mixed precision: EM, the fit and its backward in float32
+    with full_precision(x):
+        return Mixture(*ImplicitGMM.apply(x, mask, n_components, em_steps, min_scale, fixed_scale, hard_tol))
 
 
 # ------------------------------------------------------------------------------------------- retrieval
@@ -533,7 +544,7 @@ class Set2Model(L.LightningModule):
     def embed(self, x: Tensor) -> Tensor:
         """``[..., *shape] -> [..., E]``."""
         lead = x.shape[: x.ndim - len(self.shape)]
-        return self.net(x.reshape(-1, numel(self.shape))).reshape(*lead, -1)
+        return upcast(self.net(x.reshape(-1, numel(self.shape)))).reshape(*lead, -1)
 
     def fit_embeddings(self, z: Tensor, mask: Tensor | None = None) -> Mixture:
         """:func:`fit_gmm` with this model's settings on embeddings ``[S, n, E]``."""
@@ -549,10 +560,11 @@ class Set2Model(L.LightningModule):
     def score(self, mixture: Mixture, queries: Tensor) -> Tensor:
         """log p(f(q) | mixture) in nats for images ``queries [S, Q, *shape]``, ``[S, Q]``."""
         z = self.embed(queries)
-        log_joint = mixture.weights.log().unsqueeze(1) + component_log_density(
-            z, mixture.means, mixture.scales
-        )
-        return torch.logsumexp(log_joint, -1)
+        with full_precision(z):
+            log_joint = mixture.weights.log().unsqueeze(1) + component_log_density(
+                z, mixture.means, mixture.scales
+            )
+            return torch.logsumexp(log_joint, -1)
 
     def logits(self, scores: Tensor) -> Tensor:
         return self.log_alpha.exp() * scores + self.bias
