@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIN := -c requirements/lock.txt -c requirements/test-lock.txt
 
-.PHONY: env demo test test-fast lint bench clean
+.PHONY: env demo test test-fast lint bench clean gpu-carry
 
 env: $(STAMP)
 
@@ -34,3 +34,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# For a session lent a GPU machine (the device tool): what tests/gpu/device_check.sh needs there, into .gpu/.
+gpu-carry:
+	rm -rf .gpu && mkdir -p .gpu/whl && cp -r ../shared/data/mnist .gpu/mnist
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .gpu/whl -r tests/gpu/wheels.txt
