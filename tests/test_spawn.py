@@ -17,18 +17,18 @@ import pytest
 import torch
 from test_precision import CASES, Case
 
-from datamodules import Episodes
-from zoo import Set2Model
-
 # One case per family (and per optimisation style: manual with R1 / R2, automatic, a custom optimizer).
 FAMILIES = [
     "vae_full", "gan_mlp_r1_r2", "fgan_kl_dv_r1", "dirac_gan_r1", "diffusion_mlp_hybrid", "made_2_orderings",
-    "pixelcnn", "flow_maf", "discrete_vae_gumbel_k3", "nce_mlp", "explicit_gaussian_natural",
+    "pixelcnn", "flow_maf", "discrete_vae_gumbel_k3", "nce_mlp", "explicit_gaussian_natural", "set2model",
 ]  # fmt: skip
 
 
 class SaveRankZeroWeights(L.Callback):
-    """Rank 0 saves its ``state_dict`` to ``path`` when training ends (in the spawned worker)."""
+    """Rank 0 saves its ``state_dict`` to ``path`` when training ends (in the spawned worker); at teardown
+    every worker destroys its process group. Lightning's spawn launcher leaves it alive, and a gloo group
+    destroyed only at interpreter exit aborted a worker now and then ("terminate called without an active
+    exception", SIGABRT after ``fit`` had finished: 2 of 5 runs of this file on the 2-core machine)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -37,16 +37,13 @@ class SaveRankZeroWeights(L.Callback):
         if trainer.global_rank == 0:
             torch.save({k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}, self.path)
 
-
-SET2MODEL = Case(
-    "set2model",
-    lambda: Set2Model(shape=(1, 8, 8), embedding_dim=4, n_components=2, em_steps=5, hidden=(16,)),
-    lambda: Episodes(train_episodes=32, val_episodes=8, test_episodes=8, batch_size=8),
-)
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("case", [c for c in CASES if c.id in FAMILIES] + [SET2MODEL], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in FAMILIES], ids=lambda c: c.id)
 def test_every_family_trains_under_ddp_spawn_and_returns_rank_zero_weights(
     case: Case, tmp_path: Path
 ) -> None:
