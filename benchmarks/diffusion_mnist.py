@@ -11,7 +11,7 @@ so it covers the term sampling too) and writes a picture of 64 DDIM-25 samples n
 The split: the offline copy in ../shared/data holds only MNIST's 10,000-image t10k file, cut into 8,000
 training / 1,000 validation / 1,000 test images (``MNIST(source="test")``). Bits per dimension are
 -ELBO / (784 ln 2) of the discretised 8-bit image (Ho et al. 2020, sec. 3.3), the unit of the published
-figures (DDPM on CIFAR-10: <= 3.70 bits/dim, Ho et al. Table 2). Nothing here asserts on time.
+figures (DDPM on CIFAR-10: <= 3.70 bits/dim, Ho et al. Table 1). Nothing here asserts on time.
 
     .venv/bin/python benchmarks/diffusion_mnist.py --minutes 60 --json benchmarks/diffusion_mnist.json
 """
@@ -85,7 +85,7 @@ def main() -> None:
     data.prepare_data()
     data.setup("fit")
     model = Diffusion(shape=(1, 28, 28), **{**model_args, "seed": args.seed})
-    curve = Curve(torch.cat([x for x in data.val_dataloader()])[: args.curve_images], args.curve_every)
+    curve = Curve(torch.cat(list(data.val_dataloader()))[: args.curve_images], args.curve_every)
     trainer = L.Trainer(
         max_steps=args.steps, max_time={"minutes": args.minutes}, max_epochs=-1, accelerator="cpu",
         devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

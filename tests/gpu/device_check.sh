@@ -9,7 +9,7 @@
 # Each step has its own time limit, so the whole fits one 10-minute call; logs come back from $OUT:
 #   env.txt          nvidia-smi, versions, whether every import works
 #   gpu_tests.txt    tests/gpu (16-mixed and bf16-mixed on CUDA, every family of tests/test_precision.py)
-#   recipes.txt      fsdp (VAE trains, GAN refused with its message), 16-mixed / bf16-mixed recipe fits, predict
+#   recipes.txt      fsdp (VAE trains, GAN refused with its message), 16-mixed / bf16-mixed recipe fits
 #   gpu_speed.json   benchmarks/gpu_speed.py's table (bare / zoo eager / zoo compiled, steps/s)
 #   suite.txt        the whole pytest suite on the GPU machine (what remains of the time; -x off, -q)
 # On a CPU machine the same script runs with everything CUDA-only skipped (a dry run: GPU_CHECK_DRY=1 makes
