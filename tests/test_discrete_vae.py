@@ -17,7 +17,7 @@ from torch.nn.functional import one_hot
 
 from zoo import DiscreteVAE
 from zoo.discrete_vae import gumbel_max, relaxed_log_sample, straight_through
-from zoo.noise import global_uniform, mix_key, positional_uniform
+from zoo.noise import global_uniform, mix_key, pinned_noise, positional_uniform
 
 LOGITS = torch.tensor([1.0, 0.0, -1.0, 2.0, 0.5])
 ALL_6BIT = torch.tensor(list(itertools.product((0.0, 1.0), repeat=6)), dtype=torch.float64)  # [64, 6]
@@ -144,7 +144,8 @@ def mc_gradients(estimator: str, temperature: float = 1.0, replicates: int = 40,
     estimates = []
     for replicate in range(replicates):
         model.seed = replicate  # the training noise's key
-        estimates.append(flat(torch.autograd.grad(model.training_loss(X.repeat(copies, 1)), params)))
+        with pinned_noise(model):
+            estimates.append(flat(torch.autograd.grad(model.training_loss(X.repeat(copies, 1)), params)))
     estimates = torch.stack(estimates)
     n_encoder = sum(p.numel() for p in model.encoder.parameters())
     return estimates, exact, n_encoder
@@ -204,7 +205,9 @@ def test_straight_through_loss_is_the_discrete_bound(k: int) -> None:
         expected = model.log_likelihood(X, z)[0] - model.kl(logits)
     else:
         expected = torch.logsumexp(model._discrete_log_weights(X, logits, z), 0) - math.log(k)
-    torch.testing.assert_close(model.training_loss(X), -expected.mean(), atol=1e-12, rtol=0)
+    with pinned_noise(model, step=0):  # the key of global step 0, as under a Trainer
+        loss = model.training_loss(X)
+    torch.testing.assert_close(loss, -expected.mean(), atol=1e-12, rtol=0)
 
 
 def test_training_logs_the_temperature_it_uses(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ def train(model: Flow, data: torch.Tensor | None, steps: int, batch: int = 256, 
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        if data is None:  # fresh draws each step (training_loss keys its noise by the trainer's global_step)
+        if data is None:  # fresh draws each step, from this loop's own generator
             x, log_q = model.sample_and_log_prob(batch, generator=g)
             loss = (log_q - model.target_log_prob(x)).mean()
         else:

@@ -28,11 +28,13 @@ def gaussian_sample(n: int, seed: int) -> torch.Tensor:
 @functools.cache
 def fit_quadratic(objective: str = "nce", noise_scale: float = 1.0) -> tuple[NCE, torch.Tensor]:
     """NCE on N samples of N(MEAN, COV) with k N fixed noise samples, minimised to convergence by L-BFGS
-    (float64): the NCE estimator of Gutmann & Hyvärinen (2012) for this sample."""
+    (float64): the NCE estimator of Gutmann & Hyvärinen (2012) for this sample. The noise is drawn once and
+    passed to ``nce_loss``: ``training_loss`` outside a Trainer draws new noise on every call."""
     x = gaussian_sample(N, seed=0)
     torch.manual_seed(0)
     model = NCE(shape=(2,), energy="quadratic", k=K, objective=objective, noise_scale=noise_scale).double()
     model.fit_noise(x)
+    eps = torch.randn(N, K, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     optimizer = torch.optim.LBFGS(
         model.parameters(),
         max_iter=300,
@@ -43,7 +45,7 @@ def fit_quadratic(objective: str = "nce", noise_scale: float = 1.0) -> tuple[NCE
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = model.training_loss(x)
+        loss = model.nce_loss(x, eps).mean()
         loss.backward()
         return loss
 

@@ -36,6 +36,7 @@ from zoo import (
     PixelCNN,
     Set2Model,
 )
+from zoo.noise import pinned_noise
 
 # bf16 keeps 8 significant bits: unit roundoff u = 2^-8 (0.39%). The networks' outputs are rounded to bf16
 # once per layer; everything after them (the loss's terms and their sum) is float32. A loss summed in bf16
@@ -69,7 +70,8 @@ def dirac_loss(model: DiracGAN, x: Tensor) -> Tensor:
 
 
 def training_loss(model, x: Tensor) -> Tensor:
-    return model.training_loss(x)
+    with pinned_noise(model):  # the same draws in float32 and under autocast
+        return model.training_loss(x)
 
 
 @dataclass

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from zoo.gaussian import upcast
 from zoo.guards import NonFiniteLossError, check_data, check_finite  # noqa: F401 (re-exported: it lived here)
 from zoo.nets import conv_decoder, conv_encoder, is_28x28_image, mlp, numel
-from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of
+from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of, step_key
 from zoo.strategies import check_strategy
 
 Network = Literal["auto", "mlp", "conv"]
@@ -235,9 +235,11 @@ class Adversarial(L.LightningModule):
     # -- losses of one batch ---------------------------------------------------------------------------------
 
     def opponent_loss(
-        self, x: Tensor, z: Tensor, detach_fake: bool = True
+        self, x: Tensor, z: Tensor | None = None, detach_fake: bool = True
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The opponent's loss on data ``x`` and samples G(z), penalties included, and what to log."""
+        """The opponent's loss on data ``x`` and samples G(z), penalties included, and what to log; ``z=None``
+        draws this step's latents (fresh on every call in a user's own loop, :func:`zoo.noise.step_key`)."""
+        z = self._train_noise(x, _D_STREAM) if z is None else z
         fake = self.generator(z)
         if detach_fake:
             fake = fake.detach()
@@ -255,17 +257,21 @@ class Adversarial(L.LightningModule):
             loss, logs["r2"] = loss + r2, r2.detach()
         return loss, logs
 
-    def generator_step_loss(self, x: Tensor, z: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The generator's loss on samples G(z) (and data ``x`` when the objective needs it)."""
+    def generator_step_loss(self, x: Tensor, z: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The generator's loss on samples G(z) (and data ``x`` when the objective needs it); ``z=None`` draws
+        this step's latents, as :meth:`opponent_loss`."""
+        z = self._train_noise(x, _G_STREAM) if z is None else z
         real_out = None
         if self.generator_needs_real:
             with torch.no_grad():  # E_p[...] does not depend on the generator
                 real_out = self.score(x)
         return self.objective(real_out, self.score(self.generator(z)), "generator")
 
-    def _train_noise(self, x: Tensor, stream: int, step: int) -> Tensor:
+    def _train_noise(self, x: Tensor, stream: int, step: int | None = None) -> Tensor:
+        """z for this rank's rows of the global batch, keyed by ``(seed, stream, step)``; ``step=None``: this
+        training step's key (:func:`zoo.noise.step_key`: fresh on every call outside a Trainer)."""
         rank, world = shard_of(self)
-        key = mix_key(self.seed, stream, step)
+        key = step_key(self, stream) if step is None else mix_key(self.seed, stream, step)
         return global_normal(
             x.shape[0], (self.latent_dim,), key=key, rank=rank, world=world, device=x.device, dtype=x.dtype
         )

@@ -47,7 +47,7 @@ from torchmetrics import MeanMetric
 
 from zoo.gaussian import upcast
 from zoo.guards import check_data, check_finite
-from zoo.noise import mix_key
+from zoo.noise import mix_key, step_choice
 
 MaskType = Literal["A", "B"]
 _ORDERING_STREAM = 20
@@ -283,8 +283,9 @@ class MADE(_BinaryAutoregressive):
         return torch.logsumexp(each, dim=0) - math.log(self.n_orderings)
 
     def training_loss(self, batch: Tensor) -> Tensor:
-        """-log p_s(x) averaged over the batch for this step's mask set s = global_step mod K."""
-        return -self.log_prob(batch, mask_set=self.global_step % self.n_orderings).mean()
+        """-log p_s(x) averaged over the batch for this step's mask set: s = global_step mod K under a Trainer,
+        uniform on every call outside one (:func:`zoo.noise.step_choice`)."""
+        return -self.log_prob(batch, mask_set=step_choice(self, self.n_orderings)).mean()
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -69,6 +69,7 @@ from zoo.noise import (
     positional_uniform,
     randn,
     shard_of,
+    step_key,
 )
 
 Schedule = Literal["linear", "cosine"]
@@ -599,9 +600,9 @@ class Diffusion(L.LightningModule):
         this rank's rows of the global batch: DDP-exact and resumable (keyed by the global step)."""
         rank, world = shard_of(self)
         shared = dict(rank=rank, world=world, device=x0.device)
-        u = global_uniform(x0.shape[0], (), key=mix_key(self.seed, _TRAIN_T, self.global_step), **shared)
+        u = global_uniform(x0.shape[0], (), key=step_key(self, _TRAIN_T), **shared)
         t = 1 + torch.clamp((self.timesteps * u.double()).floor().long(), 0, self.timesteps - 1)
-        key = mix_key(self.seed, _TRAIN_EPS, self.global_step)
+        key = step_key(self, _TRAIN_EPS)
         return t, global_normal(x0.shape[0], self.shape, key=key, dtype=x0.dtype, **shared)
 
     def loss_terms(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:

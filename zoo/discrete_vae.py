@@ -59,7 +59,7 @@ from zoo.gaussian import full_precision, upcast
 from zoo.gradients import MovingAverageBaseline, score_function_surrogate
 from zoo.guards import check_data, check_finite
 from zoo.nets import mlp, numel
-from zoo.noise import global_uniform, mix_key, positional_uniform, shard_of
+from zoo.noise import global_uniform, mix_key, positional_uniform, shard_of, step_key
 from zoo.vae import log_mean_exp
 
 Estimator = Literal["gumbel", "straight_through", "score"]
@@ -288,7 +288,7 @@ class DiscreteVAE(L.LightningModule):
         uniform = global_uniform(
             x.shape[0],
             (self.k, self.n_latents, self.n_categories),
-            key=mix_key(self.seed, _TRAIN_STREAM, self.global_step),
+            key=step_key(self, _TRAIN_STREAM),
             rank=rank,
             world=world,
             device=x.device,

@@ -47,7 +47,7 @@ from torchmetrics import MeanMetric
 
 from zoo.guards import check_data, check_finite
 from zoo.nets import numel
-from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of
+from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of, step_key
 
 TransformKind = Literal["coupling", "maf", "planar", "radial"]
 Objective = Literal["forward", "reverse"]
@@ -304,13 +304,13 @@ class Flow(L.LightningModule):
     def training_loss(self, batch: Tensor) -> Tensor:
         """The objective averaged over the batch (the single-objective capability): forward,
         E_data[-log q(x)]; reverse, E_q[log q(x) - log p(x)] over ``len(batch)`` draws keyed by
-        ``(seed, global_step)``."""
+        ``(seed, global_step)`` under a Trainer, fresh on every call outside one (:func:`zoo.noise.step_key`)."""
         x = batch[0] if isinstance(batch, list | tuple) else batch
         if self.objective == "forward":
             return -self.log_prob(x).mean()
         rank, world = shard_of(self)
         u = global_normal(
-            x.shape[0], (self.dim,), key=mix_key(self.seed, _TRAIN_STREAM, self.global_step),
+            x.shape[0], (self.dim,), key=step_key(self, _TRAIN_STREAM),
             rank=rank, world=world, device=x.device, dtype=x.dtype,
         )  # fmt: skip
         y, log_q = self.push(u)

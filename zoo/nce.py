@@ -46,7 +46,7 @@ from torchmetrics import MeanMetric
 from zoo.gaussian import full_precision, upcast
 from zoo.guards import check_data, check_finite
 from zoo.nets import mlp, numel
-from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of
+from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of, step_key
 
 Energy = Literal["mlp", "quadratic"]
 Objective = Literal["nce", "negative_sampling"]
@@ -231,7 +231,7 @@ class NCE(L.LightningModule):
         eps = global_normal(
             x.shape[0],
             (self.k, self.dim),
-            key=mix_key(self.seed, _TRAIN_STREAM, self.global_step),
+            key=step_key(self, _TRAIN_STREAM),
             rank=rank,
             world=world,
             device=x.device,

@@ -20,11 +20,20 @@ one-process run:
 
 All are pure functions of ``key``: keying by ``(seed, global_step)`` makes a resumed run draw exactly the
 noise of an uninterrupted one, with no generator state to checkpoint (RELIABILITY.md #10).
+
+:func:`step_key` is the one place a family gets its training key. Under a Trainer it is that keying. Outside
+one (a plain PyTorch loop, Fabric, a user's own module) ``global_step`` never moves, so keying by it would hand
+every call the SAME noise and the model would overfit those draws, silently; there every call draws a fresh
+key from torch's default generator instead, so successive calls differ and ``torch.manual_seed`` makes them
+reproducible, as for any torch module. :func:`pinned_noise` keys it by a fixed step instead, for a block of
+code that needs the same draws on every call (an L-BFGS closure, a comparison of two modules).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -65,6 +74,55 @@ def shard_of(module) -> tuple[int, int]:
     if trainer is None:
         return 0, 1
     return trainer.global_rank, trainer.world_size
+
+
+def attached(module) -> bool:
+    """Whether ``module`` runs under a Lightning Trainer: its own, or its parent's when it is nested as a
+    submodule of another LightningModule (Lightning hands the trainer down to child LightningModules)."""
+    return getattr(module, "_trainer", None) is not None
+
+
+def step_key(module, *stream: int) -> int:
+    """The key of this training step's noise for ``stream`` (one integer or several).
+
+    * Under a Trainer: ``mix_key(module.seed, *stream, module.global_step)``, a pure function of the step, so
+      W processes draw together the noise of one and a resumed run the noise of an uninterrupted one.
+    * Outside a Trainer: ``mix_key(module.seed, *stream, fresh)`` with ``fresh`` drawn from torch's default
+      CPU generator on every call: new noise each call, reproducible under ``torch.manual_seed``.
+    """
+    pinned = getattr(module, "_pinned_step", None)
+    if pinned is not None:
+        return mix_key(module.seed, *stream, pinned)
+    if attached(module):
+        return mix_key(module.seed, *stream, module.global_step)
+    fresh = int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
+    return mix_key(module.seed, *stream, fresh)
+
+
+@contextlib.contextmanager
+def pinned_noise(*modules, step: int = 0) -> Iterator[None]:
+    """Within the block, each module's training noise is keyed as under a Trainer at ``global_step=step``:
+    every call draws the same noise (e.g. an L-BFGS closure, which must see one objective; or an eager and a
+    compiled copy compared number for number). Submodules are pinned too."""
+    pinned = [m for module in modules for m in module.modules() if hasattr(m, "seed")]
+    for m in pinned:
+        m._pinned_step = int(step)
+    try:
+        yield
+    finally:
+        for m in pinned:
+            m._pinned_step = None
+
+
+def step_choice(module, n: int) -> int:
+    """An index in ``range(n)`` for this training step: ``global_step mod n`` under a Trainer (e.g. MADE's mask
+    set, cycled), uniform from torch's default generator on every call outside one."""
+    pinned = getattr(module, "_pinned_step", None)
+    if pinned is not None:
+        return pinned % n
+    if attached(module):
+        return module.global_step % n
+    return int(torch.randint(0, n, ()))
 
 
 def randn(shape, generator: torch.Generator | None = None, device=None, dtype=torch.float32) -> Tensor:

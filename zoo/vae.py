@@ -39,7 +39,7 @@ from zoo.gaussian import Gaussian, GaussianHead, check_covariance, full_precisio
 from zoo.gradients import MovingAverageBaseline, score_function_surrogate
 from zoo.guards import check_data, check_finite
 from zoo.nets import conv_decoder, conv_encoder, is_28x28_image, mlp, numel
-from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of
+from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of, step_key
 
 Architecture = Literal["mlp", "conv", "linear"]
 _TRAIN_STREAM, _ELBO_STREAM, _IWAE_STREAM = 0, 1, 2
@@ -224,7 +224,7 @@ class VAE(L.LightningModule):
         """-L_k averaged over the batch, with this step's noise (the single-objective capability)."""
         x = batch
         rank, world = shard_of(self)
-        key = mix_key(self.seed, _TRAIN_STREAM, self.global_step)
+        key = step_key(self, _TRAIN_STREAM)
         eps = global_normal(
             x.shape[0],
             (self.k, self.latent_dim),
