@@ -283,8 +283,8 @@ class MADE(_BinaryAutoregressive):
         return torch.logsumexp(each, dim=0) - math.log(self.n_orderings)
 
     def training_loss(self, batch: Tensor) -> Tensor:
-        """-log p_s(x) averaged over the batch for this step's mask set: s = global_step mod K under a Trainer,
-        uniform on every call outside one (:func:`zoo.noise.step_choice`)."""
+        """-log p_s(x) averaged over the batch for this step's mask set: s = global_step mod K under a
+        Trainer, uniform on every call outside one (:func:`zoo.noise.step_choice`)."""
         return -self.log_prob(batch, mask_set=step_choice(self, self.n_orderings)).mean()
 
     @torch.no_grad()

@@ -304,7 +304,8 @@ class Flow(L.LightningModule):
     def training_loss(self, batch: Tensor) -> Tensor:
         """The objective averaged over the batch (the single-objective capability): forward,
         E_data[-log q(x)]; reverse, E_q[log q(x) - log p(x)] over ``len(batch)`` draws keyed by
-        ``(seed, global_step)`` under a Trainer, fresh on every call outside one (:func:`zoo.noise.step_key`)."""
+        ``(seed, global_step)`` under a Trainer, fresh on every call outside one
+        (:func:`zoo.noise.step_key`)."""
         x = batch[0] if isinstance(batch, list | tuple) else batch
         if self.objective == "forward":
             return -self.log_prob(x).mean()

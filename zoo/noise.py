@@ -22,11 +22,11 @@ All are pure functions of ``key``: keying by ``(seed, global_step)`` makes a res
 noise of an uninterrupted one, with no generator state to checkpoint (RELIABILITY.md #10).
 
 :func:`step_key` is the one place a family gets its training key. Under a Trainer it is that keying. Outside
-one (a plain PyTorch loop, Fabric, a user's own module) ``global_step`` never moves, so keying by it would hand
-every call the SAME noise and the model would overfit those draws, silently; there every call draws a fresh
-key from torch's default generator instead, so successive calls differ and ``torch.manual_seed`` makes them
-reproducible, as for any torch module. :func:`pinned_noise` keys it by a fixed step instead, for a block of
-code that needs the same draws on every call (an L-BFGS closure, a comparison of two modules).
+one (a plain PyTorch loop, Fabric, a user's own module) ``global_step`` never moves, so keying by it would
+hand every call the SAME noise and the model would overfit those draws, silently; there every call draws a
+fresh key from torch's default generator instead, so successive calls differ and ``torch.manual_seed`` makes
+them reproducible, as for any torch module. :func:`pinned_noise` keys it by a fixed step instead, for a
+block of code that needs the same draws on every call (an L-BFGS closure, a comparison of two modules).
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ def pinned_noise(*modules, step: int = 0) -> Iterator[None]:
 
 
 def step_choice(module, n: int) -> int:
-    """An index in ``range(n)`` for this training step: ``global_step mod n`` under a Trainer (e.g. MADE's mask
-    set, cycled), uniform from torch's default generator on every call outside one."""
+    """An index in ``range(n)`` for this training step: ``global_step mod n`` under a Trainer (e.g. MADE's
+    mask set, cycled), uniform from torch's default generator on every call outside one."""
     pinned = getattr(module, "_pinned_step", None)
     if pinned is not None:
         return pinned % n
