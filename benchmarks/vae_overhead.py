@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from zoo import VAE
-from zoo.nets import mlp
+from zoo.networks import mlp
 from zoo.noise import global_normal, mix_key
 
 SHAPE, LATENT, HIDDEN, BATCH, LR, N_TRAIN, SEED = (1, 8, 8), 16, (256, 256), 64, 1e-3, 1500, 0

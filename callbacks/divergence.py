@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from callbacks.periodic import PeriodicDiagnostic, Split
 from zoo.capabilities import CriticModel, DiscriminatedModel, require
-from zoo.nets import mlp
+from zoo.networks import mlp
 from zoo.noise import mix_key
 
 LOG2 = math.log(2.0)

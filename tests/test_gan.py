@@ -208,7 +208,7 @@ def test_checkpoint_round_trip(model, tmp_path: Path) -> None:
             dict(shape=(2,), loss="wasserstein"),
             "loss must be one of 'minimax', 'nonsaturating', 'hinge'; got",
         ),
-        (dict(shape=(2,), network="conv"), r"network='conv' needs images of shape \(C, 28, 28\); got"),
+        (dict(shape=(2,), network="conv"), r"network='conv' needs images of shape \(C, H, W\) with H = W in"),
         (dict(shape=(2,), r1_gamma=-1.0), "r1_gamma must be a finite number >= 0"),
         (dict(shape=(2,), n_critic=0), "n_critic must be a positive integer; got 0"),
         (dict(shape=(2,), betas=(0.5,)), "betas must be two numbers"),

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from zoo.gaussian import upcast
 from zoo.guards import NonFiniteLossError, check_data, check_finite  # noqa: F401 (re-exported: it lived here)
-from zoo.nets import conv_decoder, conv_encoder, is_28x28_image, mlp, numel
+from zoo.networks import check_conv_image, conv_decoder, conv_encoder, is_conv_image, mlp, numel
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of, step_key
 from zoo.strategies import check_strategy
 
@@ -68,16 +68,14 @@ _D_STREAM, _G_STREAM, _VAL_STREAM, _GAME_STREAM, _TEST_STREAM = 10, 11, 12, 13, 
 
 
 def network_kind(network: str, shape: tuple[int, ...]) -> str:
-    """``"auto"`` -> ``"conv"`` for (C, 28, 28) images, ``"mlp"`` otherwise; refuse ``"conv"`` elsewhere."""
+    """``"auto"`` -> ``"conv"`` for (C, H, H) images with H in {16, 28, 32, 64}, ``"mlp"`` otherwise; refuse
+    ``"conv"`` elsewhere."""
     if network not in ("auto", "mlp", "conv"):
         raise ValueError(f"network must be 'auto', 'mlp' or 'conv'; got {network!r}")
     if network == "auto":
-        return "conv" if is_28x28_image(shape) else "mlp"
-    if network == "conv" and not is_28x28_image(shape):
-        raise ValueError(
-            f"network='conv' needs images of shape (C, 28, 28); got shape={shape}. "
-            "Use network='mlp' (or 'auto')."
-        )
+        return "conv" if is_conv_image(shape) else "mlp"
+    if network == "conv":
+        check_conv_image(shape, "network='conv'", "network='mlp' (or 'auto')")
     return network
 
 
@@ -85,7 +83,8 @@ def build_generator(
     shape: tuple[int, ...], latent_dim: int, hidden: Sequence[int], network: str
 ) -> nn.Module:
     """``z [B, latent_dim] -> x [B, *shape]``. Images (3-D shapes) end in a sigmoid (data in [0, 1]), vectors
-    in nothing. ``conv``: the DCGAN-style ``zoo.nets.conv_decoder``; ``mlp``: ReLU MLP through ``hidden``."""
+    in nothing. ``conv``: the DCGAN-style ``zoo.networks.conv_decoder``; ``mlp``: ReLU MLP through
+    ``hidden``."""
     body = conv_decoder(latent_dim, shape) if network == "conv" else mlp(latent_dim, hidden, numel(shape))
     head = [nn.Sigmoid()] if len(shape) == 3 else []
     return nn.Sequential(body, *head, nn.Unflatten(1, shape))
@@ -94,7 +93,8 @@ def build_generator(
 def build_opponent(shape: tuple[int, ...], hidden: Sequence[int], network: str) -> nn.Module:
     """``x [B, *shape] -> [B]`` (one logit / critic value per example). No batch normalisation: the input
     gradient of ``out.sum()`` must be per-example for R1/R2. ``mlp``: LeakyReLU(0.2) MLP through ``hidden``;
-    ``conv``: ``zoo.nets.conv_encoder`` (28 -> 14 -> 7) to ``hidden[-1]`` features, LeakyReLU, linear."""
+    ``conv``: ``zoo.networks.conv_encoder`` (stride-2 down to a 4x4 or 7x7 grid) to ``hidden[-1]`` features,
+    LeakyReLU, linear."""
     leaky = partial(nn.LeakyReLU, 0.2)
     if network == "conv":
         body = nn.Sequential(conv_encoder(shape, hidden[-1]), leaky(), nn.Linear(hidden[-1], 1))

@@ -60,7 +60,7 @@ from torchmetrics import MeanMetric
 
 from zoo.gaussian import upcast
 from zoo.guards import check_data, check_finite
-from zoo.nets import is_28x28_image, mlp, numel
+from zoo.networks import is_conv_image, mlp, numel
 from zoo.noise import (
     global_normal,
     global_uniform,
@@ -300,7 +300,7 @@ class Diffusion(L.LightningModule):
         super().__init__()
         shape = tuple(int(s) for s in shape)
         hidden = tuple(int(h) for h in hidden)
-        network = ("unet" if is_28x28_image(shape) else "mlp") if network == "auto" else network
+        network = ("unet" if is_conv_image(shape) else "mlp") if network == "auto" else network
         decoder = ("discretized" if len(shape) == 3 else "gaussian") if decoder == "auto" else decoder
         _check_arguments(
             shape, timesteps, schedule, parameterization, loss, variance, sampler, sample_steps, eta, network,

@@ -58,7 +58,7 @@ from torchmetrics import MeanMetric
 from zoo.gaussian import full_precision, upcast
 from zoo.gradients import MovingAverageBaseline, score_function_surrogate
 from zoo.guards import check_data, check_finite
-from zoo.nets import mlp, numel
+from zoo.networks import mlp, numel
 from zoo.noise import global_uniform, mix_key, positional_uniform, shard_of, step_key
 from zoo.vae import log_mean_exp
 

@@ -21,7 +21,7 @@ from torchmetrics import MeanMetric
 from zoo.gaussian import full_precision, upcast
 from zoo.guards import check_data, check_finite
 from zoo.natural_gradient import Fisher, NaturalGradient
-from zoo.nets import numel
+from zoo.networks import numel
 from zoo.noise import randn
 
 

@@ -46,7 +46,7 @@ from torch.nn.functional import softplus
 from torchmetrics import MeanMetric
 
 from zoo.guards import check_data, check_finite
-from zoo.nets import numel
+from zoo.networks import numel
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of, step_key
 
 TransformKind = Literal["coupling", "maf", "planar", "radial"]

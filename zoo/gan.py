@@ -14,7 +14,7 @@ A generator G maps z ~ N(0, I) to x = G(z); a discriminator D returns a logit l 
   and why it runs under plain DDP, in :mod:`zoo.adversarial`).
 
 Networks follow the data's shape: ``network="auto"`` picks DCGAN-style convolutions for (C, 28, 28) images
-(``zoo.nets.conv_decoder`` / ``conv_encoder``) and MLPs otherwise; image generators end in a sigmoid.
+(``zoo.networks.conv_decoder`` / ``conv_encoder``) and MLPs otherwise; image generators end in a sigmoid.
 """
 
 from __future__ import annotations

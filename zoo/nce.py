@@ -45,7 +45,7 @@ from torchmetrics import MeanMetric
 
 from zoo.gaussian import full_precision, upcast
 from zoo.guards import check_data, check_finite
-from zoo.nets import mlp, numel
+from zoo.networks import mlp, numel
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of, step_key
 
 Energy = Literal["mlp", "quadratic"]

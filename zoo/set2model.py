@@ -41,7 +41,7 @@ from torchmetrics import MeanMetric, Metric
 
 from zoo.gaussian import full_precision, upcast
 from zoo.guards import check_data, check_finite
-from zoo.nets import mlp, numel
+from zoo.networks import mlp, numel
 
 LOG_2PI = math.log(2 * math.pi)
 

@@ -38,7 +38,7 @@ from torchmetrics import MeanMetric
 from zoo.gaussian import Gaussian, GaussianHead, check_covariance, full_precision, standard_normal, upcast
 from zoo.gradients import MovingAverageBaseline, score_function_surrogate
 from zoo.guards import check_data, check_finite
-from zoo.nets import conv_decoder, conv_encoder, is_28x28_image, mlp, numel
+from zoo.networks import check_conv_image, conv_decoder, conv_encoder, mlp, numel
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of, step_key
 
 Architecture = Literal["mlp", "conv", "linear"]
@@ -58,8 +58,9 @@ class VAE(L.LightningModule):
     Args:
         shape: shape of one example, linked from the datamodule by the CLI, e.g. ``(1, 8, 8)``.
         latent_dim: dimension of z.
-        decoder: ``"mlp"``; ``"conv"`` (DCGAN-style, for (C, 28, 28) images); ``"linear"`` (x = W z + b,
-            the linear-Gaussian model with ``likelihood="gaussian"``). The encoder uses the same kind.
+        decoder: ``"mlp"``; ``"conv"`` (DCGAN-style, for (C, H, H) images, H in {16, 28, 32, 64});
+            ``"linear"`` (x = W z + b, the linear-Gaussian model with ``likelihood="gaussian"``). The
+            encoder uses the same kind.
         likelihood: ``"bernoulli"`` (data in [0, 1], logits decoder) or ``"gaussian"`` (learned
             per-dimension scale).
         posterior: ``"diagonal"`` or ``"full"`` covariance (Cholesky factor) for q(z | x).
@@ -292,11 +293,8 @@ def _check_arguments(shape, latent_dim, decoder, likelihood, posterior, k, estim
         raise ValueError(f"shape must be a non-empty tuple of positive sizes; got {shape}")
     if decoder not in ("mlp", "conv", "linear"):
         raise ValueError(f"decoder must be 'mlp', 'conv' or 'linear'; got {decoder!r}")
-    if decoder == "conv" and not is_28x28_image(shape):
-        raise ValueError(
-            f"decoder='conv' needs images of shape (C, 28, 28); got shape={shape}. "
-            "Use decoder='mlp' for other shapes."
-        )
+    if decoder == "conv":
+        check_conv_image(shape, "decoder='conv'", "decoder='mlp'")
     if likelihood not in ("bernoulli", "gaussian"):
         raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian'; got {likelihood!r}")
     check_covariance(posterior)
