@@ -1,0 +1,303 @@
+"""Issue 17, item 5: reuse from another project. A small package created by the test, outside genzoo,
+defines its own networks and data; each family trains with them from Python and through
+``genzoo fit -c its_recipe.yaml``; the checkpoint reloads in a fresh process with no arguments, samples, and
+``genzoo predict`` / ``genzoo test`` work on it; 2 DDP processes give the 1-process weights with a user's
+network. And the presets at real image sizes run through the CLI on CIFAR-10- and CelebA-64-shaped tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from cli_runs import ROOT, cli_env, cli_fit, final_state
+
+from datamodules import Digits, Toy2D
+
+PACKAGE = {
+    "__init__.py": "",
+    "nets.py": '''
+        """A user's own networks: nothing here imports genzoo."""
+        import torch
+        from torch import nn
+
+
+        class Encoder(nn.Module):
+            """[B, C, H, W] -> [B, features]."""
+
+            def __init__(self, channels: int = 1, side: int = 8, features: int = 32):
+                super().__init__()
+                self.body = nn.Sequential(
+                    nn.Conv2d(channels, 8, 3, padding=1), nn.SiLU(), nn.Flatten(),
+                    nn.Linear(8 * side * side, features), nn.SiLU(),
+                )
+
+            def forward(self, x):
+                return self.body(x)
+
+
+        class Decoder(nn.Module):
+            """[B, latent] -> [B, C, H, W] logits."""
+
+            def __init__(self, latent: int = 4, channels: int = 1, side: int = 8):
+                super().__init__()
+                pixels = channels * side * side
+                self.body = nn.Sequential(nn.Linear(latent, 64), nn.SiLU(), nn.Linear(64, pixels))
+                self.shape = (channels, side, side)
+
+            def forward(self, z):
+                return self.body(z).reshape(-1, *self.shape)
+
+
+        class Generator(Decoder):
+            """[B, latent] -> [B, C, H, W] in (0, 1)."""
+
+            def forward(self, z):
+                return torch.sigmoid(super().forward(z))
+
+
+        class Discriminator(nn.Module):
+            """[B, C, H, W] -> [B, 1] (no batch norm: R1 needs per-example input gradients)."""
+
+            def __init__(self, channels: int = 1, side: int = 8):
+                super().__init__()
+                self.body = nn.Sequential(nn.Flatten(), nn.Linear(channels * side * side, 32),
+                                          nn.LeakyReLU(0.2), nn.Linear(32, 1))
+
+            def forward(self, x):
+                return self.body(x)
+
+
+        class Denoiser(nn.Module):
+            """(x_t [B, D], t [B]) -> [B, D]."""
+
+            def __init__(self, dim: int = 2, hidden: int = 64):
+                super().__init__()
+                self.body = nn.Sequential(nn.Linear(dim + 1, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+
+            def forward(self, x, t):
+                return self.body(torch.cat([x, t.to(x.dtype)[:, None] / 1000.0], 1))
+    ''',
+    "data.py": '''
+        """A user's datamodule of random images, shaped like CIFAR-10 or CelebA-64."""
+        import torch
+        from datamodules.base import InMemoryDataset, TensorDataModule
+
+
+        class RandomImages(TensorDataModule):
+            def __init__(self, channels=3, side=32, n=64, batch_size=16, seed=0):
+                super().__init__(batch_size, seed)
+                self.shape, self.n = (channels, side, side), n
+
+            def build(self):
+                g = torch.Generator().manual_seed(self.seed)
+                return [InMemoryDataset(torch.rand(self.n, *self.shape, generator=g)) for _ in range(3)]
+    ''',
+}
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> Path:
+    """``userpkg`` in a folder of its own, importable here and (by PYTHONPATH) in CLI subprocesses."""
+    root = tmp_path_factory.mktemp("project")
+    (root / "userpkg").mkdir()
+    for name, text in PACKAGE.items():
+        (root / "userpkg" / name).write_text(textwrap.dedent(text))
+    sys.path.insert(0, str(root))
+    yield root
+    sys.path.remove(str(root))
+    for name in [m for m in sys.modules if m.startswith("userpkg")]:
+        del sys.modules[name]
+
+
+def env_with(package: Path) -> dict[str, str]:
+    env = cli_env()
+    env["PYTHONPATH"] = f"{package}:{env['PYTHONPATH']}"
+    return env
+
+
+def quick_trainer(folder: Path, **kwargs) -> L.Trainer:
+    options = dict(max_epochs=1, limit_train_batches=4, limit_val_batches=1, accelerator="cpu",
+                   logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   default_root_dir=folder)  # fmt: skip
+    return L.Trainer(**{**options, **kwargs})
+
+
+# -- from Python ---------------------------------------------------------------------------------------------
+
+
+def _families(nets):
+    from zoo import GAN, VAE, Diffusion
+
+    digits = functools.partial(Digits, binarize="static", batch_size=32)
+    return {
+        "VAE": (lambda: VAE(shape=(1, 8, 8), latent_dim=4, encoder=nets.Encoder(), decoder=nets.Decoder()),
+                {"encoder": nets.Encoder, "decoder": nets.Decoder}, digits),
+        "GAN": (lambda: GAN(shape=(1, 8, 8), latent_dim=4, r1_gamma=1.0, generator=nets.Generator(),
+                            discriminator=nets.Discriminator()),
+                {"generator": nets.Generator, "discriminator": nets.Discriminator}, digits),
+        "Diffusion": (lambda: Diffusion(shape=(2,), timesteps=100, denoiser=nets.Denoiser()),
+                      {"denoiser": nets.Denoiser}, functools.partial(Toy2D, "8gaussians", batch_size=64)),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["VAE", "GAN", "Diffusion"])
+def test_a_users_networks_train_from_python_and_reload(package: Path, tmp_path: Path, family: str) -> None:
+    import userpkg.nets as nets
+
+    torch.manual_seed(0)
+    build, roles, data = _families(nets)[family]
+    model = build()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = quick_trainer(tmp_path)
+    trainer.fit(model, data())
+    changed = [name for name, p in model.named_parameters() if not torch.equal(before[name], p)]
+    for role in roles:  # the user's own parameters were trained
+        assert any(name.startswith(f"{role}.") for name in changed), (role, changed)
+    trainer.save_checkpoint(tmp_path / "user.ckpt")
+    restored = type(model).load_from_checkpoint(
+        tmp_path / "user.ckpt", **{r: make() for r, make in roles.items()}
+    )
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    model.eval()
+    torch.testing.assert_close(restored.sample(8, generator=g1), model.sample(8, generator=g2))
+
+
+# -- from YAML, reloaded in a fresh process ------------------------------------------------------------------
+
+RECIPES = {
+    "vae": """
+        model:
+          class_path: VAE
+          init_args:
+            latent_dim: 4
+            encoder: {class_path: userpkg.nets.Encoder, init_args: {features: 24}}
+            decoder: {class_path: userpkg.nets.Decoder, init_args: {latent: 4}}
+            optimizer:
+              class_path: torch.optim.AdamW
+              init_args: {lr: 0.002, weight_decay: 0.01}
+            lr_scheduler:
+              class_path: torch.optim.lr_scheduler.StepLR
+              init_args: {step_size: 2, gamma: 0.5}
+        data:
+          class_path: Digits
+          init_args: {binarize: static, batch_size: 64}
+    """,
+    "gan": """
+        model:
+          class_path: GAN
+          init_args:
+            latent_dim: 4
+            r1_gamma: 1.0
+            generator: {class_path: userpkg.nets.Generator, init_args: {latent: 4}}
+            discriminator: {class_path: userpkg.nets.Discriminator}
+            generator_optimizer:
+              class_path: torch.optim.Adam
+              init_args: {lr: 0.0005, betas: [0.0, 0.99]}
+        data:
+          class_path: Digits
+          init_args: {batch_size: 64}
+    """,
+    "diffusion": """
+        model:
+          class_path: Diffusion
+          init_args:
+            timesteps: 100
+            denoiser: {class_path: userpkg.nets.Denoiser, init_args: {hidden: 32}}
+        data:
+          class_path: Toy2D
+          init_args: {name: 8gaussians, n_train: 512, n_val: 128, n_test: 128, batch_size: 128}
+    """,
+}
+
+LOAD = """
+import sys, torch
+import userpkg.nets  # the user's classes must be importable; genzoo's CLI is never imported here
+from zoo import GAN, VAE, Diffusion
+assert "cli" not in sys.modules
+for family, path in zip((VAE, GAN, Diffusion), sys.argv[1:]):
+    model = family.load_from_checkpoint(path)   # no arguments: the recipe's class_path/init_args rebuild it
+    role = {"VAE": "encoder", "GAN": "generator", "Diffusion": "denoiser"}[family.__name__]
+    assert type(getattr(model, role)).__module__ == "userpkg.nets", type(getattr(model, role))
+    x = model.sample(4, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all()
+    print(family.__name__, tuple(x.shape))
+"""
+
+
+@pytest.mark.slow
+def test_a_users_networks_train_from_a_recipe_and_reload_in_a_fresh_process(package: Path, tmp_path: Path):
+    checkpoints = []
+    for name, recipe in RECIPES.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(textwrap.dedent(recipe))
+        log_dir = _fit(package, tmp_path / name, "-c", str(path), "--trainer.max_epochs=1",
+                       "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=1")  # fmt: skip
+        (checkpoint,) = (log_dir / "checkpoints").glob("*.ckpt")
+        checkpoints.append(str(checkpoint))
+    out = subprocess.run([sys.executable, "-c", LOAD, *checkpoints], env=env_with(package), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:3] == ["VAE (4, 1, 8, 8)", "GAN (4, 1, 8, 8)", "Diffusion (4, 2)"]
+
+    vae_checkpoint = checkpoints[0]
+    state = torch.load(vae_checkpoint, map_location="cpu", weights_only=False)
+    assert type(state["optimizer_states"][0]["param_groups"][0]["weight_decay"]) is float  # AdamW's
+    assert state["optimizer_states"][0]["param_groups"][0]["weight_decay"] == 0.01
+    assert state["lr_schedulers"][0]["step_size"] == 2
+    for command in (["predict", "--samples.n=16", f"--samples.out={tmp_path / 'grid.png'}"], ["test"]):
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "cli.py"), *command, "-c", str(tmp_path / "vae.yaml"),
+             f"--ckpt_path={vae_checkpoint}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+             "--trainer.limit_test_batches=1"],
+            env=env_with(package), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def _fit(package: Path, folder: Path, *args: str, devices: int = 1) -> Path:
+    import cli_runs
+
+    original = cli_runs.cli_env
+    cli_runs.cli_env = lambda: env_with(package)
+    try:
+        return cli_fit(folder, devices, *args)
+    finally:
+        cli_runs.cli_env = original
+
+
+@pytest.mark.ddp
+def test_two_processes_give_the_one_process_weights_with_a_users_network(package: Path, tmp_path: Path):
+    recipe = tmp_path / "vae.yaml"
+    recipe.write_text(textwrap.dedent(RECIPES["vae"]))
+    args = ("-c", str(recipe), "--trainer.max_epochs=1", "--trainer.limit_train_batches=6",
+            "--trainer.limit_val_batches=2")  # fmt: skip
+    one, two = (final_state(_fit(package, tmp_path / f"d{d}", *args, devices=d), 0) for d in (1, 2))
+    assert one.keys() == two.keys() and any(k.startswith("encoder.body") for k in one)
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+# -- the presets at real image sizes, through the CLI ------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "side"),
+    [("VAE --model.decoder=conv --model.likelihood=gaussian", 32), ("GAN --model.r1_gamma=1", 64)],
+)
+def test_conv_presets_train_on_cifar10_and_celeba64_shaped_images(package, tmp_path, model, side) -> None:
+    name, *options = model.split()
+    log_dir = _fit(package, tmp_path, f"--model={name}", *options,
+                   "--data=userpkg.data.RandomImages", f"--data.side={side}", "--trainer.max_steps=3",
+                   "--trainer.limit_val_batches=1")  # fmt: skip
+    (checkpoint,) = (log_dir / "checkpoints").glob("*.ckpt")
+    hparams = torch.load(checkpoint, map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert tuple(hparams["shape"]) == (3, side, side)
