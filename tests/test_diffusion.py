@@ -251,7 +251,9 @@ def test_mixture_oracle_is_the_score_of_the_noised_mixture() -> None:
 
 def train_mlp(steps: int, data: Toy2D, timesteps: int) -> Diffusion:
     L.seed_everything(0)
-    model = Diffusion(shape=(2,), timesteps=timesteps, hidden=(64, 64), lr=3e-3)
+    model = Diffusion(
+        shape=(2,), timesteps=timesteps, hidden=(64, 64), lr=3e-3, variance="fixed_large", loss="simple"
+    )
     optimizer = model.configure_optimizers()
     gen = g(8)
     for _ in range(steps):  # outside a Trainer global_step stays 0, so draw t and ε here
@@ -274,7 +276,7 @@ def test_trained_model_approaches_the_mixture_oracle_and_its_elbo_stays_below_lo
     n = 1000
     held_out = data.sample(n, generator=g(9))
     log_p = data.log_prob(held_out).mean().item()
-    oracle = Diffusion(shape=(2,), timesteps=100)
+    oracle = Diffusion(shape=(2,), timesteps=100, variance="fixed_large", loss="simple")
     oracle.net = MixtureOracle(oracle, data.centers, data.std)
     initial, trained = train_mlp(0, data, 100), train_mlp(300, data, 100)
     t = 1 + torch.randint(100, (n,), generator=g(10))
@@ -358,7 +360,8 @@ class Constant(nn.Module):
 def test_parameterizations_give_the_same_prediction_from_the_matching_network(parameterization: str) -> None:
     """x̂_0 and ε̂ recovered from an ε-, x_0- or v-network that outputs its target for a fixed (x_0, ε) are
     the true x_0 and ε (float64, 1e-10): the conversions (Ho et al.; Salimans & Ho) invert the targets."""
-    model = Diffusion(shape=(3,), timesteps=100, parameterization=parameterization).double()
+    model = Diffusion(shape=(3,), timesteps=100, parameterization=parameterization, variance="fixed_large")
+    model = model.double()
     x0, eps = (
         torch.randn(4, 3, generator=g(18), dtype=torch.float64),
         torch.randn(4, 3, generator=g(19), dtype=torch.float64),
@@ -375,7 +378,7 @@ def test_parameterizations_give_the_same_prediction_from_the_matching_network(pa
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(loss="hybrid"), "variance='learned'"),
+        (dict(loss="hybrid", variance="fixed_large"), "variance='learned'"),
         (dict(schedule="quadratic"), "schedule"),
         (dict(timesteps=1, sample_steps=None), "timesteps"),
         (dict(sample_steps=0), "sample_steps"),
