@@ -31,6 +31,11 @@ Sampling uses ``torch.distributions`` for the densities (``OneHotCategorical``, 
 and the Gumbel transform of uniforms from :mod:`zoo.noise` for the draws, because the distributions' own
 samplers read the global RNG: keyed uniforms give every example the same noise on 1 or N processes and after a
 resume. The transform is the one ``ExpRelaxedCategorical.rsample`` applies (tests check they agree).
+
+Networks are arguments: ``encoder`` ``[B, *shape] -> [B, F]`` features (a linear head maps them to the
+``[B, L, C]`` logits of q) and ``decoder`` ``[B, L * C] -> [B, *shape]`` Bernoulli logits, checked once on a
+dummy batch when the model is built; by default both are MLPs. Optimiser and schedule are arguments too
+(:mod:`zoo.plugins`).
 """
 
 from __future__ import annotations
@@ -58,8 +63,17 @@ from torchmetrics import MeanMetric
 from zoo.gaussian import full_precision, upcast
 from zoo.gradients import MovingAverageBaseline, score_function_surrogate
 from zoo.guards import check_data, check_finite
-from zoo.networks import mlp, numel
+from zoo.networks import check_role, dummy_batch, mlp, numel
 from zoo.noise import global_uniform, mix_key, positional_uniform, shard_of, step_key
+from zoo.plugins import (
+    LRSchedulerCallable,
+    OptimizerCallable,
+    adam,
+    build_optimizer,
+    build_scheduler,
+    live_arguments,
+    optimizer_config,
+)
 from zoo.vae import log_mean_exp
 
 Estimator = Literal["gumbel", "straight_through", "score"]
@@ -105,10 +119,24 @@ class DiscreteVAE(L.LightningModule):
         temperature_min: final temperature τ_min (a floor: the relaxation's gradients blow up as τ → 0).
         anneal_steps: optimizer steps of the exponential decay from τ_0 to τ_min; 0 keeps τ_0.
         k: importance samples per example in training; ``k > 1`` trains L_k.
-        hidden: widths of the encoder's hidden layers (the decoder mirrors them).
-        lr: Adam learning rate.
+        hidden: widths of the MLP encoder's hidden layers (the MLP decoder mirrors them); ignored for a role
+            given as a network.
+        lr: learning rate of the default optimiser, Adam (ignored when ``optimizer`` is given).
         eval_k: importance samples of ``val/iwae`` and ``test/iwae``.
         seed: seed of the training and evaluation noise (see :mod:`zoo.noise`).
+        encoder: the encoder network, ``[B, *shape] -> [B, F]`` features (any F, read from a dry run; a linear
+            layer, ``posterior_head``, maps them to the L x C logits). None: an MLP that ends in the logits
+            itself (``posterior_head`` is then the identity).
+        decoder: the decoder network, ``[B, n_latents * n_categories] -> [B, *shape]`` Bernoulli logits, fed
+            the concatenated one-hots (or their relaxation). None: an MLP.
+        optimizer: a callable ``params -> Optimizer`` (e.g. ``functools.partial(torch.optim.AdamW,
+            lr=3e-4)``, or ``class_path`` / ``init_args`` in a recipe); None: Adam at ``lr``.
+        lr_scheduler: a callable ``optimizer -> scheduler``, stepped after every optimizer step; None: a
+            constant learning rate. The temperature schedule is separate (``anneal_steps``).
+
+    A network given from Python is left out of the saved hyperparameters: reload its checkpoint with
+    ``DiscreteVAE.load_from_checkpoint(path, decoder=MyDecoder())``. From a recipe (``class_path`` /
+    ``init_args``) the checkpoint reloads with no arguments.
 
     Example:
         >>> model = DiscreteVAE(shape=(6,), n_latents=2, n_categories=4, hidden=(16,))
@@ -131,6 +159,10 @@ class DiscreteVAE(L.LightningModule):
         lr: float = 1e-3,
         eval_k: int = 100,
         seed: int = 0,
+        encoder: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in shape)
@@ -146,7 +178,12 @@ class DiscreteVAE(L.LightningModule):
             lr,
             eval_k,
         )
-        self.save_hyperparameters()
+        self.save_hyperparameters(
+            ignore=live_arguments(
+                encoder=encoder, decoder=decoder, optimizer=optimizer, lr_scheduler=lr_scheduler
+            )
+        )
+        self._optimizer_callable, self._lr_scheduler_callable = optimizer, lr_scheduler
         self.shape, self.n_latents, self.n_categories = shape, n_latents, n_categories
         self.estimator, self.k, self.lr, self.eval_k, self.seed = estimator, k, lr, eval_k, seed
         self.temperature0, self.temperature_min, self.anneal_steps = (
@@ -155,8 +192,21 @@ class DiscreteVAE(L.LightningModule):
             anneal_steps,
         )
         dim_x, dim_z, hidden = numel(shape), n_latents * n_categories, tuple(hidden)
-        self.encoder = nn.Sequential(nn.Flatten(), mlp(dim_x, hidden, dim_z))
-        self.decoder = mlp(dim_z, hidden[::-1], dim_x)
+        if encoder is None:  # its last layer gives the logits: the state_dict of genzoo's earlier presets
+            self.encoder, self.posterior_head = (
+                nn.Sequential(nn.Flatten(), mlp(dim_x, hidden, dim_z)),
+                nn.Identity(),
+            )
+        else:
+            inputs = [dummy_batch(shape, like=encoder)]
+            features = check_role("DiscreteVAE", "encoder", encoder, inputs, ("B", "F")).shape[1]
+            self.encoder, self.posterior_head = encoder, nn.Linear(features, dim_z)
+        if decoder is None:  # nn.Unflatten has no parameters: the state_dict keys are the flat MLP's
+            self.decoder = mlp(dim_z, hidden[::-1], dim_x).append(nn.Unflatten(1, shape))
+        else:
+            inputs = [dummy_batch((dim_z,), like=decoder)]
+            check_role("DiscreteVAE", "decoder", decoder, inputs, ("B", *shape), hint=_DECODER_HINT)
+            self.decoder = decoder
         self.baseline = MovingAverageBaseline() if estimator == "score" else None
         self.val_elbo, self.val_iwae = MeanMetric(), MeanMetric()
         self.test_elbo, self.test_iwae = MeanMetric(), MeanMetric()
@@ -165,7 +215,7 @@ class DiscreteVAE(L.LightningModule):
 
     def posterior_logits(self, x: Tensor) -> Tensor:
         """Logits of q(z | x), ``[B, L, C]``."""
-        return upcast(self.encoder(x)).reshape(-1, self.n_latents, self.n_categories)
+        return upcast(self.posterior_head(self.encoder(x))).reshape(-1, self.n_latents, self.n_categories)
 
     def posterior(self, x: Tensor) -> Distribution:
         """q(z | x): batch shape ``[B]``, event ``[L, C]`` (one-hot)."""
@@ -357,10 +407,16 @@ class DiscreteVAE(L.LightningModule):
         self.log("test/elbo", self.test_elbo)
         self.log("test/iwae", self.test_iwae)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self, self.parameters(), self._optimizer_callable, adam(self.lr))
+        return optimizer_config(
+            optimizer, build_scheduler(optimizer, self._lr_scheduler_callable, "lr_scheduler")
+        )
 
 
+_DECODER_HINT = (
+    "Return Bernoulli logits shaped like the data, one per example (e.g. end with nn.Unflatten(1, shape)). "
+)
 _NAN_HINT = "Look for non-finite data, a too large learning rate (lower lr) or a too small temperature_min."
 
 

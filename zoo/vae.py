@@ -13,6 +13,11 @@ Gaussian encoder. Importance weights w_j = p(x, z_j) / q(z_j | x), z_j ~ q(z | x
   has the exact marginal p(x) = N(b, W Wᵀ + diag s²), offered as :meth:`VAE.log_prob` so every bound can be
   checked against the truth.
 
+Networks are arguments (``encoder``: ``[B, *shape] -> [B, F]`` features, mapped to q's parameters by the
+family's :class:`~zoo.gaussian.GaussianHead`; ``decoder``: ``[B, latent_dim] -> [B, *shape]``), checked once
+on a dummy batch when the model is built; the string presets build today's networks. Optimiser and schedule
+are arguments too (:mod:`zoo.plugins`).
+
 All values are in nats per example.
 """
 
@@ -38,8 +43,17 @@ from torchmetrics import MeanMetric
 from zoo.gaussian import Gaussian, GaussianHead, check_covariance, full_precision, standard_normal, upcast
 from zoo.gradients import MovingAverageBaseline, score_function_surrogate
 from zoo.guards import check_data, check_finite
-from zoo.networks import check_conv_image, conv_decoder, conv_encoder, mlp, numel
+from zoo.networks import check_conv_image, check_role, conv_decoder, conv_encoder, dummy_batch, mlp, numel
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of, step_key
+from zoo.plugins import (
+    LRSchedulerCallable,
+    OptimizerCallable,
+    adam,
+    build_optimizer,
+    build_scheduler,
+    live_arguments,
+    optimizer_config,
+)
 
 Architecture = Literal["mlp", "conv", "linear"]
 _TRAIN_STREAM, _ELBO_STREAM, _IWAE_STREAM = 0, 1, 2
@@ -52,37 +66,65 @@ def log_mean_exp(log_w: Tensor, dim: int = 0) -> Tensor:
         return torch.logsumexp(upcast(log_w), dim=dim) - math.log(log_w.shape[dim])
 
 
+class LinearDecoder(nn.Linear):
+    """x = W z + b, returned as ``[B, *shape]``: the linear-Gaussian model's decoder (``decoder="linear"``).
+    ``weight`` [D, d] and ``bias`` [D] are ``nn.Linear``'s (same initialisation, same state_dict keys), which
+    :meth:`VAE.log_prob` reads."""
+
+    def __init__(self, latent_dim: int, shape: Sequence[int]) -> None:
+        super().__init__(latent_dim, numel(shape))
+        self.shape = tuple(shape)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return super().forward(z).unflatten(-1, self.shape)  # [B, D] -> [B, *shape]
+
+
 class VAE(L.LightningModule):
     """VAE / IWAE on any data with a ``shape``.
 
     Args:
         shape: shape of one example, linked from the datamodule by the CLI, e.g. ``(1, 8, 8)``.
         latent_dim: dimension of z.
-        decoder: ``"mlp"``; ``"conv"`` (DCGAN-style, for (C, H, H) images, H in {16, 28, 32, 64});
-            ``"linear"`` (x = W z + b, the linear-Gaussian model with ``likelihood="gaussian"``). The
-            encoder uses the same kind.
+        decoder: the decoder network, ``[B, latent_dim] -> [B, *shape]`` (Bernoulli logits or Gaussian
+            means), or the name of a preset: ``"mlp"``; ``"conv"`` (DCGAN-style, for (C, H, H) images, H in
+            {16, 28, 32, 64}); ``"linear"`` (x = W z + b, the linear-Gaussian model with
+            ``likelihood="gaussian"``, whose :meth:`log_prob` is exact).
+        encoder: the encoder network, ``[B, *shape] -> [B, F]`` features (any F, read from a dry run; a
+            linear :class:`~zoo.gaussian.GaussianHead` maps them to q's parameters, so both posteriors work).
+            None: the preset named by ``decoder`` (``"mlp"`` when ``decoder`` is a network).
         likelihood: ``"bernoulli"`` (data in [0, 1], logits decoder) or ``"gaussian"`` (learned
             per-dimension scale).
         posterior: ``"diagonal"`` or ``"full"`` covariance (Cholesky factor) for q(z | x).
         k: importance samples per example in training; ``k > 1`` trains the IWAE bound L_k.
         estimator: ``"reparam"`` or ``"score"`` (REINFORCE with a moving-average baseline).
-        hidden: widths of the MLP hidden layers.
-        lr: Adam learning rate.
+        hidden: widths of the presets' hidden layers (ignored for a role given as a network).
+        lr: learning rate of the default optimiser, Adam (ignored when ``optimizer`` is given).
         eval_k: importance samples for the ``val/iwae`` and ``test/iwae`` likelihood estimate.
         seed: seed of the training and evaluation noise (see :mod:`zoo.noise`).
+        optimizer: a callable ``params -> Optimizer`` (e.g. ``functools.partial(torch.optim.AdamW,
+            lr=3e-4)``, or ``class_path`` / ``init_args`` in a recipe); None: Adam at ``lr``.
+        lr_scheduler: a callable ``optimizer -> scheduler``, stepped after every optimizer step; None: a
+            constant learning rate.
+
+    A network given from Python is left out of the saved hyperparameters: reload its checkpoint with
+    ``VAE.load_from_checkpoint(path, encoder=MyEncoder())``. From a recipe (``class_path`` / ``init_args``)
+    the checkpoint reloads with no arguments.
 
     Example:
         >>> model = VAE(shape=(2,), latent_dim=2, decoder="linear", likelihood="gaussian")
         >>> x = torch.randn(5, 2)
         >>> model.elbo(x).shape, model.log_importance_weights(x, k=10).shape
         (torch.Size([5]), torch.Size([10, 5]))
+        >>> mine = VAE(shape=(2,), latent_dim=2, encoder=nn.Sequential(nn.Linear(2, 8), nn.Tanh()))
+        >>> mine.elbo(x).shape
+        torch.Size([5])
     """
 
     def __init__(
         self,
         shape: Sequence[int],
         latent_dim: int = 16,
-        decoder: Architecture = "mlp",
+        decoder: Architecture | nn.Module = "mlp",
         likelihood: Literal["bernoulli", "gaussian"] = "bernoulli",
         posterior: Literal["diagonal", "full"] = "diagonal",
         k: int = 1,
@@ -91,31 +133,41 @@ class VAE(L.LightningModule):
         lr: float = 1e-3,
         eval_k: int = 100,
         seed: int = 0,
+        encoder: nn.Module | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in shape)
-        _check_arguments(shape, latent_dim, decoder, likelihood, posterior, k, estimator, lr, eval_k)
-        self.save_hyperparameters()
+        preset = decoder if isinstance(decoder, str) else "mlp"  # the kind of the networks built here
+        _check_arguments(shape, latent_dim, preset, likelihood, posterior, k, estimator, lr, eval_k)
+        user_decoder = decoder if isinstance(decoder, nn.Module) else None
+        self.save_hyperparameters(
+            ignore=live_arguments(
+                encoder=encoder, decoder=user_decoder, optimizer=optimizer, lr_scheduler=lr_scheduler
+            )
+        )
         self.shape, self.latent_dim, self.k, self.estimator = shape, latent_dim, k, estimator
-        self.likelihood, self.posterior_kind, self.decoder_kind = likelihood, posterior, decoder
+        self.likelihood, self.posterior_kind = likelihood, posterior
+        self.decoder_kind = preset if user_decoder is None else "custom"  # "linear": log_prob is exact
         self.lr, self.eval_k, self.seed = lr, eval_k, seed
-        dim_x, hidden = numel(shape), tuple(hidden)
+        self._optimizer_callable, self._lr_scheduler_callable = optimizer, lr_scheduler
+        hidden = tuple(hidden)
 
-        if decoder == "conv":
-            self.encoder = conv_encoder(shape, hidden[-1])
-            self.decoder = conv_decoder(latent_dim, shape)
-            features = hidden[-1]
-        elif decoder == "mlp":
-            self.encoder = nn.Sequential(nn.Flatten(), mlp(dim_x, hidden[:-1], hidden[-1]), nn.ReLU())
-            self.decoder = mlp(latent_dim, hidden[::-1], dim_x)
-            features = hidden[-1]
-        else:  # linear
-            self.encoder = nn.Flatten()
-            self.decoder = nn.Linear(latent_dim, dim_x)
-            features = dim_x
+        if encoder is None:
+            encoder, features = _preset_encoder(preset, shape, hidden)
+        else:
+            inputs = [dummy_batch(shape, like=encoder)]
+            features = check_role("VAE", "encoder", encoder, inputs, ("B", "F")).shape[1]
+        if user_decoder is None:
+            decoder = _preset_decoder(preset, latent_dim, shape, hidden)
+        else:
+            inputs = [dummy_batch((latent_dim,), like=decoder)]
+            check_role("VAE", "decoder", decoder, inputs, ("B", *shape), hint=_DECODER_HINT)
+        self.encoder, self.decoder = encoder, decoder
         self.posterior_head = GaussianHead(features, latent_dim, posterior)
         if likelihood == "gaussian":
-            self.log_scale = nn.Parameter(torch.zeros(dim_x))
+            self.log_scale = nn.Parameter(torch.zeros(numel(shape)))
         self.baseline = MovingAverageBaseline() if estimator == "score" else None
         self.val_elbo, self.val_iwae = MeanMetric(), MeanMetric()
         self.test_elbo, self.test_iwae = MeanMetric(), MeanMetric()
@@ -209,9 +261,12 @@ class VAE(L.LightningModule):
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact log p(x) = log N(x; b, W Wᵀ + diag s²) of the linear-Gaussian model, ``Tensor[B]``."""
         if self.decoder_kind != "linear" or self.likelihood != "gaussian":
+            decoder = (
+                repr(self.decoder_kind) if self.decoder_kind != "custom" else type(self.decoder).__name__
+            )
             raise NotImplementedError(
-                "VAE.log_prob is exact only for decoder='linear', likelihood='gaussian'; this model has "
-                f"decoder={self.decoder_kind!r}, likelihood={self.likelihood!r}. Estimate it with "
+                "VAE.log_prob is exact only for the preset decoder='linear' with likelihood='gaussian'; this "
+                f"model has decoder={decoder}, likelihood={self.likelihood!r}. Estimate it with "
                 "iwae_bound(x, k) or callbacks.elbo_gap.iwae_log_likelihood."
             )
         w, b = self.decoder.weight, self.decoder.bias  # [D, d], [D]
@@ -284,8 +339,33 @@ class VAE(L.LightningModule):
         self.log("test/elbo", self.test_elbo)
         self.log("test/iwae", self.test_iwae)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self, self.parameters(), self._optimizer_callable, adam(self.lr))
+        return optimizer_config(
+            optimizer, build_scheduler(optimizer, self._lr_scheduler_callable, "lr_scheduler")
+        )
+
+
+_DECODER_HINT = "Return one output per example shaped like the data (e.g. end with nn.Unflatten(1, shape)). "
+
+
+def _preset_encoder(kind: str, shape: tuple[int, ...], hidden: tuple[int, ...]) -> tuple[nn.Module, int]:
+    """The ``kind`` preset's encoder ``[B, *shape] -> [B, F]`` and its feature width F."""
+    if kind == "conv":
+        return conv_encoder(shape, hidden[-1]), hidden[-1]
+    if kind == "mlp":
+        return nn.Sequential(nn.Flatten(), mlp(numel(shape), hidden[:-1], hidden[-1]), nn.ReLU()), hidden[-1]
+    return nn.Flatten(), numel(shape)  # linear: q's parameters are an affine map of x
+
+
+def _preset_decoder(kind: str, latent_dim: int, shape: tuple[int, ...], hidden: tuple[int, ...]) -> nn.Module:
+    """The ``kind`` preset's decoder ``[B, latent_dim] -> [B, *shape]``. The trailing ``nn.Unflatten`` has
+    no parameters: the state_dict keys are those of the flat networks genzoo had before."""
+    if kind == "conv":
+        return conv_decoder(latent_dim, shape).append(nn.Unflatten(1, shape))
+    if kind == "mlp":
+        return mlp(latent_dim, hidden[::-1], numel(shape)).append(nn.Unflatten(1, shape))
+    return LinearDecoder(latent_dim, shape)
 
 
 def _check_arguments(shape, latent_dim, decoder, likelihood, posterior, k, estimator, lr, eval_k) -> None:
