@@ -30,6 +30,10 @@ Sampling is sequential: D passes, each fixing one more dimension.
 Evaluation logs ``val/nll`` and ``test/nll`` in nats per example and ``val/bpd``, ``test/bpd`` in bits per
 dimension, nll / (D ln 2), through torchmetrics ``MeanMetric`` (sum and count), so W processes log the
 one-process numbers.
+
+Their networks are not plug-ins: the masks ARE the factorisation, so a user sizes them (MADE's ``hidden``,
+PixelCNN's ``channels``, ``n_layers``, kernels and ``head_channels``) and chooses the optimiser and schedule
+(``optimizer``, ``lr_scheduler``: Lightning's ``OptimizerCallable`` / ``LRSchedulerCallable``).
 """
 
 from __future__ import annotations
@@ -48,6 +52,15 @@ from torchmetrics import MeanMetric
 from zoo.gaussian import upcast
 from zoo.guards import check_data, check_finite
 from zoo.noise import mix_key, step_choice
+from zoo.plugins import (
+    LRSchedulerCallable,
+    OptimizerCallable,
+    adam,
+    build_optimizer,
+    build_scheduler,
+    live_arguments,
+    optimizer_config,
+)
 
 MaskType = Literal["A", "B"]
 _ORDERING_STREAM = 20
@@ -156,15 +169,22 @@ def made_masks(degrees: list[Tensor]) -> list[Tensor]:
 
 class _BinaryAutoregressive(L.LightningModule):
     """Training, evaluation and metrics of an autoregressive model of binary data with an exact
-    ``log_prob``; subclasses define ``log_prob``, ``sample`` and :meth:`training_loss`."""
+    ``log_prob``; subclasses define ``log_prob``, ``sample`` and :meth:`training_loss`. ``optimizer=None``
+    is Adam at ``lr``; a given ``optimizer`` (``params -> Optimizer``) ignores ``lr``."""
 
     shape: tuple[int, ...]
 
-    def __init__(self, lr: float) -> None:
+    def __init__(
+        self,
+        lr: float,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
         super().__init__()
         if lr <= 0:
             raise ValueError(f"lr must be positive; got {lr}")
         self.lr = float(lr)
+        self._optimizer_callable, self._lr_scheduler_callable = optimizer, lr_scheduler
         self.val_nll, self.val_bpd = MeanMetric(), MeanMetric()
         self.test_nll, self.test_bpd = MeanMetric(), MeanMetric()
 
@@ -196,8 +216,10 @@ class _BinaryAutoregressive(L.LightningModule):
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_nll, self.test_bpd)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self, self.parameters(), self._optimizer_callable, adam(self.lr))
+        scheduler = build_scheduler(optimizer, self._lr_scheduler_callable, "lr_scheduler")
+        return optimizer_config(optimizer, scheduler)
 
     def _uniforms(self, shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
         """Uniforms for sampling, drawn up front (in float32, on the module's device) from ``generator``."""
@@ -222,8 +244,11 @@ class MADE(_BinaryAutoregressive):
         hidden: widths of the masked hidden layers (ReLU between them).
         n_orderings: K mask sets (orderings and hidden connectivity); K > 1 trains order- and
             connectivity-agnostically and evaluates the K-component ensemble (module docstring).
-        lr: Adam learning rate.
+        lr: learning rate of the default optimiser (Adam); ignored when ``optimizer`` is given.
         seed: seed of the orderings and hidden degrees (drawn once, kept as buffers).
+        optimizer: a callable ``params -> Optimizer`` (``OptimizerCallable``); None: Adam at ``lr``.
+        lr_scheduler: a callable ``optimizer -> scheduler`` (``LRSchedulerCallable``), stepped every
+            optimizer step; None: a constant learning rate.
 
     Example:
         >>> made = MADE(shape=(10,), hidden=(32,), n_orderings=2)
@@ -239,8 +264,10 @@ class MADE(_BinaryAutoregressive):
         n_orderings: int = 1,
         lr: float = 1e-3,
         seed: int = 0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(lr)
+        super().__init__(lr, optimizer, lr_scheduler)
         shape, hidden = tuple(int(s) for s in shape), tuple(int(h) for h in hidden)
         if not shape or any(s <= 0 for s in shape) or math.prod(shape) < 2:
             raise ValueError(f"shape must be positive sizes with at least 2 dimensions in all; got {shape}")
@@ -248,7 +275,7 @@ class MADE(_BinaryAutoregressive):
             raise ValueError(f"hidden must be one or more positive widths; got {hidden}")
         if n_orderings < 1:
             raise ValueError(f"n_orderings must be a positive integer; got {n_orderings}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=live_arguments(optimizer=optimizer, lr_scheduler=lr_scheduler))
         self.shape, self.hidden, self.n_orderings, self.seed = shape, hidden, int(n_orderings), int(seed)
         dim = math.prod(shape)
         orderings, per_set = [], []
@@ -313,11 +340,11 @@ class PixelCNN(_BinaryAutoregressive):
     """PixelCNN (van den Oord et al. 2016) for binary single-channel images, raster order.
 
     Network: a type-A ``kernel_size`` masked convolution to ``channels`` maps, ``n_layers - 1`` residual
-    blocks h <- h + MaskedConv2d_B(ReLU(h)) with ``hidden_kernel_size`` kernels, then ReLU, 1x1, ReLU, 1x1 to
-    one logit per pixel. The input is fed as 2x - 1, so the zero padding differs from a black pixel.
-    Like the original masked PixelCNN it has a blind spot: the seed's BB figure (pixel (2, 5) missing from the
-    field of (3, 3)) grows with depth, so some earlier pixels never reach a conditional; the model is still
-    exact, it just ignores them.
+    blocks h <- h + MaskedConv2d_B(ReLU(h)) with ``hidden_kernel_size`` kernels, then ReLU, 1x1 to
+    ``head_channels`` maps, ReLU, 1x1 to one logit per pixel. The input is fed as 2x - 1, so the zero padding
+    differs from a black pixel. Like the original masked PixelCNN it has a blind spot: the seed's BB figure
+    (pixel (2, 5) missing from the field of (3, 3)) grows with depth, so some earlier pixels never reach a
+    conditional; the model is still exact, it just ignores them.
 
     Args:
         shape: ``(1, H, W)``, linked from the datamodule by the CLI.
@@ -325,7 +352,11 @@ class PixelCNN(_BinaryAutoregressive):
         n_layers: masked convolutions in all (the type-A one included).
         kernel_size: odd kernel of the type-A input layer (7 in the paper).
         hidden_kernel_size: odd kernel of the type-B layers (3 in the paper).
-        lr: Adam learning rate.
+        lr: learning rate of the default optimiser (Adam); ignored when ``optimizer`` is given.
+        head_channels: maps of the 1x1 output head's hidden layer; None: ``channels``.
+        optimizer: a callable ``params -> Optimizer`` (``OptimizerCallable``); None: Adam at ``lr``.
+        lr_scheduler: a callable ``optimizer -> scheduler`` (``LRSchedulerCallable``), stepped every
+            optimizer step; None: a constant learning rate.
 
     Example:
         >>> model = PixelCNN(shape=(1, 4, 4), channels=8, n_layers=2, kernel_size=3)
@@ -342,28 +373,32 @@ class PixelCNN(_BinaryAutoregressive):
         kernel_size: int = 7,
         hidden_kernel_size: int = 3,
         lr: float = 1e-3,
+        head_channels: int | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(lr)
+        super().__init__(lr, optimizer, lr_scheduler)
         shape = tuple(int(s) for s in shape)
         if len(shape) != 3 or shape[0] != 1 or min(shape) < 1:
             raise ValueError(
                 f"PixelCNN models single-channel images, shape (1, H, W); got shape={shape}. "
                 "Use MADE for other shapes."
             )
-        if channels < 1 or n_layers < 1:
-            raise ValueError(f"channels and n_layers must be positive; got {channels}, {n_layers}")
+        head = channels if head_channels is None else head_channels
+        if channels < 1 or n_layers < 1 or head < 1:
+            raise ValueError(
+                f"channels, n_layers and head_channels must be positive; got {channels}, {n_layers}, {head}"
+            )
         for name, k in (("kernel_size", kernel_size), ("hidden_kernel_size", hidden_kernel_size)):
             if k < 1 or k % 2 == 0:
                 raise ValueError(f"{name} must be a positive odd integer; got {k}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=live_arguments(optimizer=optimizer, lr_scheduler=lr_scheduler))
         self.shape, self.channels, self.n_layers = shape, int(channels), int(n_layers)
         self.input_layer = MaskedConv2d(1, channels, kernel_size, "A")
         self.blocks = nn.ModuleList(
             MaskedConv2d(channels, channels, hidden_kernel_size, "B") for _ in range(n_layers - 1)
         )
-        self.head = nn.Sequential(
-            nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, 1, 1)
-        )
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, head, 1), nn.ReLU(), nn.Conv2d(head, 1, 1))
         # how far (in rows up, and columns either way) the conditional of one pixel can look
         self.reach = kernel_size // 2 + (n_layers - 1) * (hidden_kernel_size // 2)
 

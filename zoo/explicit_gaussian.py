@@ -5,10 +5,15 @@ p_θ(x) = N(x; μ, L Lᵀ), θ = (μ, L) with L lower triangular and diagonal ex
 is μ = x̄, L Lᵀ = S (the sample covariance, 1/N), with mean negative log-likelihood ½ log det(2π S) + D/2.
 Its loss surface is as badly conditioned as the data's covariance: plain gradient steps crawl along the
 long axis, the natural gradient (Fisher-preconditioned) does not (tests/test_natural_gradient.py counts).
+
+The optimiser is an argument: a shorthand string (``"natural"``, ``"adam"``, ``"sgd"``) or any
+``OptimizerCallable`` (Lightning's convention, :mod:`zoo.plugins`), :class:`NaturalGradient` included: the
+family binds itself as the optimiser's model (``bind_model``), so its Fisher is this Gaussian's.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -23,6 +28,16 @@ from zoo.guards import check_data, check_finite
 from zoo.natural_gradient import Fisher, NaturalGradient
 from zoo.networks import numel
 from zoo.noise import randn
+from zoo.plugins import (
+    LRSchedulerCallable,
+    OptimizerCallable,
+    build_optimizer,
+    build_scheduler,
+    live_arguments,
+    optimizer_config,
+)
+
+Shorthand = Literal["natural", "adam", "sgd"]
 
 
 class ExplicitGaussian(L.LightningModule):
@@ -30,19 +45,32 @@ class ExplicitGaussian(L.LightningModule):
 
     Args:
         shape: shape of one example, linked from the datamodule by the CLI.
-        optimizer: ``"natural"`` (:class:`~zoo.natural_gradient.NaturalGradient`), ``"adam"`` or ``"sgd"``.
-        lr: learning rate (1 is the full natural-gradient step).
-        damping: damping of the Fisher (natural gradient only).
-        fisher: ``"outer"`` or ``"kl_hessian"`` Fisher-vector products (natural gradient only).
-        fisher_samples: model samples per step for the Fisher (natural gradient only).
-        cg_iters: conjugate-gradient iterations per step (natural gradient only).
-        seed: seed of the Fisher samples.
+        optimizer: a shorthand, ``"natural"`` (:class:`~zoo.natural_gradient.NaturalGradient` built from
+            ``lr``, ``damping``, ``fisher``, ``fisher_samples``, ``cg_iters``, ``seed``), ``"adam"`` or
+            ``"sgd"`` (at ``lr``); or a callable ``params -> Optimizer`` (``OptimizerCallable``, e.g.
+            ``functools.partial(NaturalGradient, lr=1.0, damping=1e-4)`` or ``class_path`` / ``init_args``
+            in a recipe), which the shorthand's arguments below do not touch.
+        lr_scheduler: a callable ``optimizer -> scheduler`` (``LRSchedulerCallable``), stepped every optimizer
+            step; None: a constant learning rate.
+        lr: learning rate of the shorthands (1 is the full natural-gradient step); ignored for a callable.
+        damping: damping of the Fisher (``"natural"`` only).
+        fisher: ``"outer"`` or ``"kl_hessian"`` Fisher-vector products (``"natural"`` only).
+        fisher_samples: model samples per step for the Fisher (``"natural"`` only).
+        cg_iters: conjugate-gradient iterations per step (``"natural"`` only).
+        seed: seed of the Fisher samples (``"natural"`` only; NaturalGradient's own ``seed`` otherwise).
+
+    Example:
+        >>> import functools
+        >>> model = ExplicitGaussian(shape=(2,), optimizer=functools.partial(NaturalGradient, lr=0.5))
+        >>> type(model.configure_optimizers()).__name__
+        'NaturalGradient'
     """
 
     def __init__(
         self,
         shape: Sequence[int],
-        optimizer: Literal["natural", "adam", "sgd"] = "natural",
+        optimizer: Shorthand | OptimizerCallable = "natural",
+        lr_scheduler: LRSchedulerCallable | None = None,
         lr: float = 1.0,
         damping: float = 1e-4,
         fisher: Fisher = "outer",
@@ -52,12 +80,21 @@ class ExplicitGaussian(L.LightningModule):
     ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in shape)
-        if optimizer not in ("natural", "adam", "sgd"):
-            raise ValueError(f"optimizer must be 'natural', 'adam' or 'sgd'; got {optimizer!r}")
+        if isinstance(optimizer, str) and optimizer not in ("natural", "adam", "sgd"):
+            raise ValueError(f"optimizer must be 'natural', 'adam', 'sgd' or a callable; got {optimizer!r}")
+        if not isinstance(optimizer, str) and not callable(optimizer):
+            raise TypeError(
+                f"optimizer must be a shorthand string or a callable; got {type(optimizer).__name__}"
+            )
         if lr <= 0:
             raise ValueError(f"lr must be positive; got {lr}")
-        self.save_hyperparameters()
-        self.shape, self.optimizer_kind, self.lr = shape, optimizer, lr
+        callable_optimizer = None if isinstance(optimizer, str) else optimizer
+        self.save_hyperparameters(
+            ignore=live_arguments(optimizer=callable_optimizer, lr_scheduler=lr_scheduler)
+        )
+        self.shape, self.lr = shape, lr
+        self.optimizer_kind = optimizer if isinstance(optimizer, str) else "callable"
+        self._optimizer_callable, self._lr_scheduler_callable = callable_optimizer, lr_scheduler
         self.dim = numel(shape)
         self.mean = nn.Parameter(torch.zeros(self.dim))
         self.tril = nn.Parameter(torch.zeros(self.dim, self.dim))  # strict lower part; diagonal is log L_ii
@@ -98,13 +135,18 @@ class ExplicitGaussian(L.LightningModule):
         self.test_log_prob.update(self.log_prob(batch))
         self.log("test/log_prob", self.test_log_prob)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self, self.parameters(), self._optimizer_callable, self._shorthand())
+        scheduler = build_scheduler(optimizer, self._lr_scheduler_callable, "lr_scheduler")
+        return optimizer_config(optimizer, scheduler)
+
+    def _shorthand(self) -> OptimizerCallable:
+        """The optimiser the string ``optimizer`` names (used when no callable is given)."""
         h = self.hparams
         if self.optimizer_kind == "natural":
-            return NaturalGradient(
-                self.parameters(), self, lr=self.lr, damping=h.damping, fisher=h.fisher,
-                n_samples=h.fisher_samples, cg_iters=h.cg_iters, seed=h.seed,
+            return functools.partial(
+                NaturalGradient, lr=self.lr, damping=h.damping, fisher=h.fisher, n_samples=h.fisher_samples,
+                cg_iters=h.cg_iters, seed=h.seed,
             )  # fmt: skip
-        if self.optimizer_kind == "adam":
-            return torch.optim.Adam(self.parameters(), lr=self.lr)
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+        make = torch.optim.Adam if self.optimizer_kind == "adam" else torch.optim.SGD
+        return functools.partial(make, lr=self.lr)

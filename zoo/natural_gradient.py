@@ -124,7 +124,9 @@ class NaturalGradient(torch.optim.Optimizer):
 
     Args:
         params: the parameters to update (of ``model``; others are treated as constants of p_θ).
-        model: a module with ``sample(n, generator=None)`` and an exact ``log_prob(x) -> [B]``.
+        model: a module with ``sample(n, generator=None)`` and an exact ``log_prob(x) -> [B]``; ``None``
+            until :meth:`bind_model` binds it (what a family's ``configure_optimizers`` does through
+            :func:`zoo.plugins.build_optimizer`, so the optimiser can be a family's ``optimizer`` argument).
         lr: step size; 1 is the full natural-gradient (Fisher-scoring) step.
         damping: Tikhonov damping added to F (also bounds the step where F is near singular).
         fisher: ``"outer"`` or ``"kl_hessian"`` Fisher-vector products.
@@ -141,12 +143,22 @@ class NaturalGradient(torch.optim.Optimizer):
         ...     optimizer.zero_grad(); loss = model.training_loss(torch.randn(64, 2) + 3); loss.backward()
         ...     return loss
         >>> loss = optimizer.step(closure)
+
+    As a family's ``optimizer`` (the family binds itself as the model)::
+
+        ExplicitGaussian(shape=(2,), optimizer=functools.partial(NaturalGradient, lr=1.0, damping=1e-4))
+
+    or in a recipe::
+
+        optimizer:
+          class_path: zoo.natural_gradient.NaturalGradient
+          init_args: {lr: 1.0, damping: 0.0001, n_samples: 512}
     """
 
     def __init__(
         self,
         params: Iterable[Tensor],
-        model: nn.Module,
+        model: nn.Module | None = None,
         lr: float = 1.0,
         damping: float = 1e-4,
         fisher: Fisher = "outer",
@@ -161,12 +173,19 @@ class NaturalGradient(torch.optim.Optimizer):
             raise ValueError(f"fisher must be 'outer' or 'kl_hessian'; got {fisher!r}")
         if n_samples < 1 or cg_iters < 1:
             raise ValueError(f"n_samples and cg_iters must be positive; got {n_samples}, {cg_iters}")
-        require(model, ExactLikelihood, "NaturalGradient")
-        require(model, Samplable, "NaturalGradient")
         super().__init__(params, dict(lr=lr, damping=damping))
-        self.model, self.fisher, self.n_samples = model, fisher, n_samples
+        self.model: nn.Module | None = None
+        self.fisher, self.n_samples = fisher, n_samples
         self.cg_iters, self.cg_tol, self.seed = cg_iters, cg_tol, seed
         self.last_cg_iters = 0
+        if model is not None:
+            self.bind_model(model)
+
+    def bind_model(self, model: nn.Module) -> None:
+        """Use ``model``'s ``sample`` and ``log_prob`` for the Fisher (checked: both must exist)."""
+        require(model, ExactLikelihood, "NaturalGradient")
+        require(model, Samplable, "NaturalGradient")
+        self.model = model
 
     def _step_count(self) -> int:
         first = self.param_groups[0]["params"][0]
@@ -174,6 +193,11 @@ class NaturalGradient(torch.optim.Optimizer):
 
     def fisher_product(self, params: Sequence[Tensor]) -> Callable[[Tensor], Tensor]:
         """v ↦ F v at the current θ on this step's model samples."""
+        if self.model is None:
+            raise RuntimeError(
+                "NaturalGradient has no model: pass model=... or call bind_model(module) before step() "
+                "(a family's configure_optimizers does it through zoo.plugins.build_optimizer)"
+            )
         device = params[0].device
         generator = torch.Generator(device=device).manual_seed(mix_key(self.seed, self._step_count()))
         with torch.no_grad():

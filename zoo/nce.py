@@ -22,6 +22,8 @@ model's log-density; -E - c alone is no longer normalised.
 Energies: ``energy="mlp"`` (a scalar MLP with SiLU activations, smooth in x) or ``"quadratic"``,
 E(x) = ½ (x - μ)ᵀ P (x - μ) with P = L Lᵀ a full precision matrix (L lower triangular, positive diagonal):
 the Gaussian family, for which NCE recovers the data's mean, covariance and c = log((2π)^{D/2} det P^{-1/2}).
+Or the user's own network for the ``energy`` role, ``[B, *shape] -> [B]`` (or ``[B, 1]``), checked once at
+construction; the family adds c, the noise, the loss, the guards and the DDP-exact noise around it.
 
 Noise: ``noise="gaussian"``, N(m, s² S) with m, S the training data's mean and covariance (plus a
 1e-4 · tr S / D ridge), s = ``noise_scale``. They are computed in ``on_fit_start`` from the training set, each
@@ -45,8 +47,17 @@ from torchmetrics import MeanMetric
 
 from zoo.gaussian import full_precision, upcast
 from zoo.guards import check_data, check_finite
-from zoo.networks import mlp, numel
+from zoo.networks import check_role, dummy_batch, mlp, numel
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of, step_key
+from zoo.plugins import (
+    LRSchedulerCallable,
+    OptimizerCallable,
+    adam,
+    build_optimizer,
+    build_scheduler,
+    live_arguments,
+    optimizer_config,
+)
 
 Energy = Literal["mlp", "quadratic"]
 Objective = Literal["nce", "negative_sampling"]
@@ -79,27 +90,35 @@ class NCE(L.LightningModule):
 
     Args:
         shape: shape of one example, linked from the datamodule by the CLI, e.g. ``(2,)``.
-        energy: ``"mlp"`` or ``"quadratic"`` (the full-precision Gaussian family).
+        energy: the ``energy`` role: a preset, ``"mlp"`` or ``"quadratic"`` (the full-precision Gaussian
+            family), or the user's network ``[B, *shape] -> [B]`` (``[B, 1]`` is squeezed), checked on a dummy
+            batch here (``class_path`` / ``init_args`` in a recipe).
         noise: the noise distribution; ``"gaussian"``: matched to the training data's mean and covariance.
         objective: ``"nce"`` or ``"negative_sampling"`` (no noise-density term; see the module docstring).
         k: noise samples per data point.
         noise_scale: the noise's standard deviation relative to the data's (> 1 widens it).
-        hidden: widths of the MLP energy's hidden layers.
-        lr: Adam learning rate.
+        hidden: widths of the MLP energy's hidden layers (the ``"mlp"`` preset only).
+        lr: learning rate of the default optimiser (Adam); ignored when ``optimizer`` is given.
         sample_proposals: noise proposals per sample drawn by :meth:`sample` (importance resampling).
         seed: seed of the training and evaluation noise (see :mod:`zoo.noise`).
+        optimizer: a callable ``params -> Optimizer`` (``OptimizerCallable``); None: Adam at ``lr``.
+        lr_scheduler: a callable ``optimizer -> scheduler`` (``LRSchedulerCallable``), stepped every
+            optimizer step; None: a constant learning rate.
 
     Example:
         >>> model = NCE(shape=(2,), energy="quadratic", k=5)
         >>> x = torch.randn(8, 2)
         >>> model.log_prob(x).shape, model.training_loss(x).shape
         (torch.Size([8]), torch.Size([]))
+        >>> own = nn.Sequential(nn.Linear(2, 16), nn.Softplus(), nn.Linear(16, 1))  # [B, 2] -> [B, 1]
+        >>> NCE(shape=(2,), energy=own).energy(x).shape
+        torch.Size([8])
     """
 
     def __init__(
         self,
         shape: Sequence[int],
-        energy: Energy = "mlp",
+        energy: Energy | nn.Module = "mlp",
         noise: Literal["gaussian"] = "gaussian",
         objective: Objective = "nce",
         k: int = 10,
@@ -108,15 +127,27 @@ class NCE(L.LightningModule):
         lr: float = 1e-3,
         sample_proposals: int = 100,
         seed: int = 0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in shape)
-        _check_arguments(shape, energy, noise, objective, k, noise_scale, lr, sample_proposals)
-        self.save_hyperparameters()
-        self.shape, self.energy_kind, self.objective, self.k = shape, energy, objective, k
+        network = energy if isinstance(energy, nn.Module) else None
+        preset = "mlp" if network is not None else energy
+        _check_arguments(shape, preset, noise, objective, k, noise_scale, lr, sample_proposals)
+        self.save_hyperparameters(
+            ignore=live_arguments(energy=network, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        )
+        self._optimizer_callable, self._lr_scheduler_callable = optimizer, lr_scheduler
+        self.objective, self.k = objective, k
+        self.shape, self.energy_kind = shape, "custom" if network is not None else energy
         self.noise_scale, self.lr, self.sample_proposals, self.seed = noise_scale, lr, sample_proposals, seed
         self.dim = dim = numel(shape)
-        if energy == "quadratic":
+        if network is not None:
+            check_role("NCE", "energy", network, [dummy_batch(shape, like=network)], ("B",), ("B", 1),
+                       hint="One energy (a scalar) per example. ")  # fmt: skip
+            self.energy_net = network
+        elif energy == "quadratic":
             self.energy_net = QuadraticEnergy(dim)
         else:
             self.energy_net = nn.Sequential(nn.Flatten(), mlp(dim, tuple(hidden), 1, activation=nn.SiLU))
@@ -276,15 +307,18 @@ class NCE(L.LightningModule):
         self._evaluate(batch, batch_idx, self.test_loss, self.test_log_prob, self.test_kl)
         self._log_eval("test", self.test_loss, self.test_log_prob, self.test_kl)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self, self.parameters(), self._optimizer_callable, adam(self.lr))
+        return optimizer_config(
+            optimizer, build_scheduler(optimizer, self._lr_scheduler_callable, "lr_scheduler")
+        )
 
 
 def _check_arguments(shape, energy, noise, objective, k, noise_scale, lr, sample_proposals) -> None:
     if not shape or any(s <= 0 for s in shape):
         raise ValueError(f"shape must be a non-empty tuple of positive sizes; got {shape}")
     if energy not in ("mlp", "quadratic"):
-        raise ValueError(f"energy must be 'mlp' or 'quadratic'; got {energy!r}")
+        raise ValueError(f"energy must be 'mlp', 'quadratic' or a torch.nn.Module; got {energy!r}")
     if noise != "gaussian":
         raise ValueError(f"noise must be 'gaussian'; got {noise!r}")
     if objective not in ("nce", "negative_sampling"):

@@ -41,7 +41,16 @@ from torchmetrics import MeanMetric, Metric
 
 from zoo.gaussian import full_precision, upcast
 from zoo.guards import check_data, check_finite
-from zoo.networks import mlp, numel
+from zoo.networks import check_role, dummy_batch, mlp, numel
+from zoo.plugins import (
+    LRSchedulerCallable,
+    OptimizerCallable,
+    adam,
+    build_optimizer,
+    build_scheduler,
+    live_arguments,
+    optimizer_config,
+)
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -484,24 +493,38 @@ class Set2Model(L.LightningModule):
     """Set2Model network on episodes ``(sets [B, n, *shape], queries [B, Q, *shape], labels [B, Q])``
     (:class:`datamodules.Episodes`).
 
-    embed: x -> f(x) ∈ R^E (an MLP). fit: a K-component diagonal mixture per set of embeddings
-    (:func:`fit_gmm`). score: log p(f(q) | mixture), nats. Loss (the paper's): the mean over queries of the
-    logistic loss of logit = α log p(f(q)) + β, α = exp(log α) > 0 and β learned, label 1 for a member of
-    the set's class. Validation / test: ``val/loss`` (nats per query), ``val/map`` (retrieval mAP of the
-    queries ranked by log-likelihood), and ``val/map_mean`` (the same embedding ranked by Euclidean
-    distance to the set's mean, the prototype read-out, for a side-by-side number in every run).
+    embed: x -> f(x) ∈ R^E (the ``embedding`` role: an MLP preset, or the user's network). fit: a
+    K-component diagonal mixture per set of embeddings (:func:`fit_gmm`). score: log p(f(q) | mixture),
+    nats. Loss (the paper's): the mean over queries of the logistic loss of logit = α log p(f(q)) + β,
+    α = exp(log α) > 0 and β learned, label 1 for a member of the set's class. Validation / test:
+    ``val/loss`` (nats per query), ``val/map`` (retrieval mAP of the queries ranked by log-likelihood), and
+    ``val/map_mean`` (the same embedding ranked by Euclidean distance to the set's mean, the prototype
+    read-out, for a side-by-side number in every run).
 
     Args:
         shape: one image's shape (linked by the CLI from the datamodule).
-        embedding_dim: E.
+        embedding_dim: E of the MLP preset. With an ``embedding`` given, E is its output width, read from
+            a dry run (``embedding_dim`` is then ignored; :attr:`embedding_dim` holds the E in use).
         n_components: K mixture components per set.
         em_steps: EM iterations per fit (forward only; the backward pass does not depend on it).
-        hidden: the MLP's hidden widths.
-        lr: Adam's learning rate.
+        hidden: the MLP preset's hidden widths (ignored when ``embedding`` is given).
+        lr: learning rate of the default optimiser (Adam); ignored when ``optimizer`` is given.
         covariance: ``"diagonal"`` fits σ per component and coordinate (floored at ``min_scale``);
             ``"fixed"`` holds σ = 1 (with ``n_components=1``: a prototypical network, the baseline).
         min_scale: floor on σ (embedding units).
-        seed: for the initial weights only (``torch.manual_seed`` around the network's construction).
+        seed: for the preset's initial weights only (``torch.manual_seed`` around its construction).
+        embedding: the ``embedding`` role, the user's network ``[B, *shape] -> [B, E]`` (checked on a
+            dummy batch here; ``class_path`` / ``init_args`` in a recipe); None: the MLP preset
+            (``hidden``, ``embedding_dim``). Its output is cast to float32 before the EM fit.
+        optimizer: a callable ``params -> Optimizer`` (``OptimizerCallable``); None: Adam at ``lr``.
+        lr_scheduler: a callable ``optimizer -> scheduler`` (``LRSchedulerCallable``), stepped every
+            optimizer step; None: a constant learning rate.
+
+    Example:
+        >>> own = nn.Sequential(nn.Flatten(), nn.Linear(64, 8))  # [B, 1, 8, 8] -> [B, 8]
+        >>> model = Set2Model(shape=(1, 8, 8), embedding=own)
+        >>> model.embedding_dim, model.embed(torch.zeros(3, 5, 1, 8, 8)).shape
+        (8, torch.Size([3, 5, 8]))
     """
 
     def __init__(
@@ -515,6 +538,9 @@ class Set2Model(L.LightningModule):
         covariance: Covariance = "diagonal",
         min_scale: float = 0.1,
         seed: int = 0,
+        embedding: nn.Module | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         for name, value, low in (("embedding_dim", embedding_dim, 1), ("n_components", n_components, 1),
@@ -525,15 +551,25 @@ class Set2Model(L.LightningModule):
             raise ValueError(f"covariance={covariance!r} is not allowed; choose 'diagonal' or 'fixed'")
         if not lr > 0 or not min_scale > 0:
             raise ValueError(f"lr and min_scale must be > 0, got lr={lr!r}, min_scale={min_scale!r}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(
+            ignore=live_arguments(embedding=embedding, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        )
+        self._optimizer_callable, self._lr_scheduler_callable = optimizer, lr_scheduler
         self.shape = tuple(shape)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.net = mlp(numel(self.shape), tuple(hidden), embedding_dim)
-        # No bias on the last layer: the loss is invariant to translating every embedding (the fitted
-        # mixtures move along), so that bias would get a gradient of pure rounding noise, which Adam
-        # normalises into steps of size lr (and 1 and 2 processes would drift apart).
-        self.net[-1].register_parameter("bias", None)
+        self._preset = embedding is None  # the MLP preset takes flattened images
+        if embedding is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.net = mlp(numel(self.shape), tuple(hidden), embedding_dim)
+            # No bias on the last layer: the loss is invariant to translating every embedding (the fitted
+            # mixtures move along), so that bias would get a gradient of pure rounding noise, which Adam
+            # normalises into steps of size lr (and 1 and 2 processes would drift apart).
+            self.net[-1].register_parameter("bias", None)
+        else:
+            out = check_role("Set2Model", "embedding", embedding, [dummy_batch(self.shape, like=embedding)],
+                             ("B", "E"), hint="One embedding vector per image. ")  # fmt: skip
+            self.net, embedding_dim = embedding, int(out.shape[1])
+        self.embedding_dim = embedding_dim
         # α starts at 1/E: a log-likelihood in E dimensions spreads over O(E) nats.
         self.log_alpha = nn.Parameter(torch.tensor(-math.log(embedding_dim)))
         self.bias = nn.Parameter(torch.tensor(0.0))
@@ -544,7 +580,8 @@ class Set2Model(L.LightningModule):
     def embed(self, x: Tensor) -> Tensor:
         """``[..., *shape] -> [..., E]``."""
         lead = x.shape[: x.ndim - len(self.shape)]
-        return upcast(self.net(x.reshape(-1, numel(self.shape)))).reshape(*lead, -1)
+        flat = x.reshape(-1, numel(self.shape)) if self._preset else x.reshape(-1, *self.shape)
+        return upcast(self.net(flat)).reshape(*lead, -1)
 
     def fit_embeddings(self, z: Tensor, mask: Tensor | None = None) -> Mixture:
         """:func:`fit_gmm` with this model's settings on embeddings ``[S, n, E]``."""
@@ -605,5 +642,7 @@ class Set2Model(L.LightningModule):
         self.log("test/map", self.test_map)
         self.log("test/map_mean", self.test_map_mean)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self, self.parameters(), self._optimizer_callable, adam(self.hparams.lr))
+        scheduler = build_scheduler(optimizer, self._lr_scheduler_callable, "lr_scheduler")
+        return optimizer_config(optimizer, scheduler)
