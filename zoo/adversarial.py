@@ -54,8 +54,18 @@ from torch import Tensor, nn
 
 from zoo.gaussian import upcast
 from zoo.guards import NonFiniteLossError, check_data, check_finite  # noqa: F401 (re-exported: it lived here)
-from zoo.networks import check_conv_image, conv_decoder, conv_encoder, is_conv_image, mlp, numel
+from zoo.networks import (
+    check_conv_image,
+    check_role,
+    conv_decoder,
+    conv_encoder,
+    dummy_batch,
+    is_conv_image,
+    mlp,
+    numel,
+)
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of, step_key
+from zoo.plugins import LRSchedulerCallable, OptimizerCallable, adam, build_optimizer, build_scheduler
 from zoo.strategies import check_strategy
 
 Network = Literal["auto", "mlp", "conv"]
@@ -101,6 +111,27 @@ def build_opponent(shape: tuple[int, ...], hidden: Sequence[int], network: str) 
     else:
         body = nn.Sequential(nn.Flatten(), mlp(numel(shape), hidden, 1, activation=leaky))
     return nn.Sequential(body, nn.Flatten(0))
+
+
+def check_generator(family: str, generator: nn.Module, latent_dim: int, shape: tuple[int, ...]) -> None:
+    """A user's generator must map ``z [B, latent_dim]`` to ``x [B, *shape]`` (checked on a dummy batch)."""
+    z = dummy_batch((latent_dim,), like=generator)
+    check_role(
+        family,
+        "generator",
+        generator,
+        [z],
+        ("B", *shape),
+        hint=f"Its input z has latent_dim = {latent_dim} entries. ",
+    )
+
+
+def check_opponent(family: str, role: str, network: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """A user's discriminator / critic must map ``x [B, *shape]`` to ``[B]`` or ``[B, 1]``; a ``[B, 1]``
+    network is returned as ``nn.Sequential(network, nn.Flatten(0))`` (the presets' own ending), so
+    ``model.<role>(x)`` is ``[B]`` whatever the user's network returns."""
+    out = check_role(family, role, network, [dummy_batch(shape, like=network)], ("B",), ("B", 1))
+    return nn.Sequential(network, nn.Flatten(0)) if out.dim() == 2 else network
 
 
 # -- losses and penalties ------------------------------------------------------------------------------------
@@ -165,9 +196,14 @@ class Adversarial(L.LightningModule):
     ``global_step`` (restored by a checkpoint): the batch starting at ``global_step = s`` steps the generator
     iff ``s % (n_critic + 1) == n_critic - 1``, so a resumed run keeps the schedule across epoch boundaries.
     ``global_step`` advances by 2 on a batch with both steps and by 1 otherwise (it counts optimizer steps:
-    set ``max_steps`` accordingly). The optimizers are ``[opponent, generator]``, Adam each.
+    set ``max_steps`` accordingly). The optimizers are ``[opponent, generator]`` (Adam each by default).
 
-    Subclasses implement :meth:`objective` and build the opponent; see ``zoo.GAN`` and ``zoo.FGAN``.
+    Networks and optimisers are plug-ins (docs/families/gan.md, "Networks"): ``generator`` and
+    ``opponent_network`` (the subclass's ``discriminator`` / ``critic``) are modules or None (the presets of
+    ``network`` / ``hidden``); ``*_optimizer`` and ``*_lr_scheduler`` are callables or None (Adam at
+    ``lr_g`` / ``lr_d`` with ``betas``; ``LinearLR`` to ``lr_final_factor``).
+
+    Subclasses implement :meth:`objective` and name the opponent; see ``zoo.GAN`` and ``zoo.FGAN``.
     """
 
     def __init__(
@@ -185,22 +221,44 @@ class Adversarial(L.LightningModule):
         clip_norm: float,
         lr_final_factor: float,
         seed: int,
-        opponent: str,
+        opponent_name: str,
+        generator: nn.Module | None = None,
+        opponent_network: nn.Module | None = None,
+        generator_optimizer: OptimizerCallable | None = None,
+        opponent_optimizer: OptimizerCallable | None = None,
+        generator_lr_scheduler: LRSchedulerCallable | None = None,
+        opponent_lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in shape)
         hidden = tuple(int(h) for h in hidden)
         _check_arguments(shape, latent_dim, hidden, r1_gamma, r2_gamma, n_critic, lr_g, lr_d, betas,
                          clip_norm, lr_final_factor)  # fmt: skip
-        kind = network_kind(network, shape)
+        family = type(self).__name__
+        presets = generator is None or opponent_network is None
+        kind = network_kind(network, shape) if presets else network  # ignored when both networks are given
         self.automatic_optimization = False
         self.shape, self.latent_dim, self.network = shape, int(latent_dim), kind
         self.r1_gamma, self.r2_gamma, self.n_critic = float(r1_gamma), float(r2_gamma), int(n_critic)
         self.lr_g, self.lr_d, self.betas = float(lr_g), float(lr_d), tuple(float(b) for b in betas)
         self.clip_norm, self.lr_final_factor, self.seed = float(clip_norm), float(lr_final_factor), int(seed)
-        self.generator = build_generator(shape, self.latent_dim, hidden, kind)
-        self._opponent_name = opponent
-        setattr(self, opponent, build_opponent(shape, hidden, kind))
+        # presets in today's order (generator, then opponent), so a preset run's weights are unchanged
+        self._preset_generator = generator is None  # ends in a sigmoid for images
+        if generator is None:
+            generator = build_generator(shape, self.latent_dim, hidden, kind)
+        else:
+            check_generator(family, generator, self.latent_dim, shape)
+        self.generator = generator
+        if opponent_network is None:
+            opponent_network = build_opponent(shape, hidden, kind)
+        else:
+            opponent_network = check_opponent(family, opponent_name, opponent_network, shape)
+        self._opponent_name = opponent_name
+        setattr(self, opponent_name, opponent_network)
+        self._generator_optimizer_callable = generator_optimizer
+        self._opponent_optimizer_callable = opponent_optimizer
+        self._generator_scheduler_callable = generator_lr_scheduler
+        self._opponent_scheduler_callable = opponent_lr_scheduler
         self.mode_coverage = None  # a callbacks.quality.ModeCoverage when the data is a Gaussian mixture
 
     # -- the players -----------------------------------------------------------------------------------------
@@ -303,8 +361,9 @@ class Adversarial(L.LightningModule):
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         x = batch
-        if len(self.shape) == 3:  # image generators end in a sigmoid: they cannot reach values outside [0, 1]
-            check_data(self, x, "unit_interval", option="an image generator (sigmoid output)",
+        if len(self.shape) == 3:  # images are in [0, 1] (DESIGN.md); preset generators end in a sigmoid
+            option = "an image generator (sigmoid output)" if self._preset_generator else "image data"
+            check_data(self, x, "unit_interval", option=option,
                        fix="a datamodule with pixels in [0, 1]")  # fmt: skip
         else:
             check_data(self, x, "real")
@@ -325,20 +384,41 @@ class Adversarial(L.LightningModule):
             scheduler.step()
 
     def configure_optimizers(self):
-        """Adam for each player, ``[opponent, generator]``; with ``lr_final_factor != 1`` also a ``LinearLR``
-        each, from lr to lr * lr_final_factor over ``trainer.estimated_stepping_batches`` batches (the run's
-        batches when it is bounded by ``max_epochs``), stepped once per batch in :meth:`training_step`."""
-        d_opt = torch.optim.Adam(self.opponent_parameters(), lr=self.lr_d, betas=self.betas)
-        g_opt = torch.optim.Adam(self.generator_parameters(), lr=self.lr_g, betas=self.betas)
+        """The optimizers ``[opponent, generator]``: ``<player>_optimizer(params)``, default Adam at
+        ``lr_d`` / ``lr_g`` with ``betas``. Each player's schedule: ``<player>_lr_scheduler(optimizer)``
+        or, when none is given and ``lr_final_factor != 1``, a ``LinearLR`` from lr to lr * lr_final_factor
+        over ``trainer.estimated_stepping_batches`` batches (the run's batches when it is bounded by
+        ``max_epochs``). Every schedule is stepped once per batch in :meth:`training_step` (manual
+        optimisation), also on batches where its player took no step."""
+        name = self._opponent_name
+        d_opt = build_optimizer(self, self.opponent_parameters(), self._opponent_optimizer_callable,
+                                adam(self.lr_d, self.betas), f"{name}_optimizer")  # fmt: skip
+        g_opt = build_optimizer(self, self.generator_parameters(), self._generator_optimizer_callable,
+                                adam(self.lr_g, self.betas), "generator_optimizer")  # fmt: skip
+        schedulers = [
+            self._schedule(d_opt, self._opponent_scheduler_callable, f"{name}_lr_scheduler"),
+            self._schedule(g_opt, self._generator_scheduler_callable, "generator_lr_scheduler"),
+        ]
+        schedulers = [s for s in schedulers if s is not None]
+        return ([d_opt, g_opt], schedulers) if schedulers else [d_opt, g_opt]
+
+    def _schedule(
+        self, optimizer: torch.optim.Optimizer, lr_scheduler: LRSchedulerCallable | None, role: str
+    ):
+        """One player's schedule: the user's, else the ``lr_final_factor`` shorthand, else None."""
+        if lr_scheduler is not None:
+            scheduler = build_scheduler(optimizer, lr_scheduler, role)
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                raise ValueError(
+                    f"{type(self).__name__}: {role} cannot be ReduceLROnPlateau: the two players have no "
+                    "common loss to monitor; use a schedule in steps (StepLR, LinearLR, CosineAnnealingLR)"
+                )
+            return scheduler
         if self.lr_final_factor == 1.0:
-            return [d_opt, g_opt]
+            return None
         total = self.trainer.estimated_stepping_batches
         total = int(total) if math.isfinite(total) and total > 0 else 1
-        schedulers = [
-            torch.optim.lr_scheduler.LinearLR(opt, 1.0, self.lr_final_factor, total_iters=total)
-            for opt in (d_opt, g_opt)
-        ]
-        return [d_opt, g_opt], schedulers
+        return torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, self.lr_final_factor, total_iters=total)
 
     def _schedulers(self) -> list:
         schedulers = self.lr_schedulers() if self._trainer is not None else None

@@ -29,10 +29,11 @@ from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 
 from zoo.adversarial import Adversarial, Network
+from zoo.plugins import LRSchedulerCallable, OptimizerCallable, live_arguments
 
 Divergence = Literal["js", "kl_nwj", "kl_dv"]
 DIVERGENCES: tuple[str, ...] = get_args(Divergence)
@@ -119,7 +120,17 @@ class FGAN(Adversarial):
     offers ``discriminator(x)`` (the same module), so JSD diagnostics apply; with the KL bounds it has no
     ``discriminator`` (T is not a logit).
 
-    Args: as :class:`zoo.GAN`, with ``divergence`` instead of ``loss``.
+    Args: as :class:`zoo.GAN`, with ``divergence`` instead of ``loss`` and the critic's names instead of the
+    discriminator's:
+
+    * ``critic``: your critic, ``x [B, *shape] -> T [B]`` or ``[B, 1]`` (a ``[B, 1]`` one is wrapped as
+      ``nn.Sequential(yours, nn.Flatten(0))``); None: the ``network`` / ``hidden`` preset. With R1 / R2 it
+      must treat examples independently (no batch norm). ``generator``: ``z [B, latent_dim] -> x
+      [B, *shape]``.
+    * ``critic_optimizer``, ``generator_optimizer``: callables ``params -> Optimizer``; None: Adam at
+      ``lr_d`` / ``lr_g`` with ``betas`` (``lr_d`` is the critic's rate).
+    * ``critic_lr_scheduler``, ``generator_lr_scheduler``: callables ``optimizer -> scheduler``, stepped once
+      per batch; None: the ``lr_final_factor`` shorthand.
 
     Logged: ``train/bound`` (the critic step's estimate, nats), ``train/d_loss`` (= -bound + penalties),
     ``train/g_loss`` (= the bound on the generator's step), ``train/r1``, ``train/r2``; ``val/bound`` over the
@@ -150,6 +161,12 @@ class FGAN(Adversarial):
         clip_norm: float = 0.0,
         lr_final_factor: float = 1.0,
         seed: int = 0,
+        generator: nn.Module | None = None,
+        critic: nn.Module | None = None,
+        generator_optimizer: OptimizerCallable | None = None,
+        critic_optimizer: OptimizerCallable | None = None,
+        generator_lr_scheduler: LRSchedulerCallable | None = None,
+        critic_lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         if divergence not in DIVERGENCES:
             raise ValueError(
@@ -157,9 +174,18 @@ class FGAN(Adversarial):
             )
         super().__init__(
             shape, latent_dim, hidden, network, r1_gamma, r2_gamma, n_critic, lr_g, lr_d, betas, clip_norm,
-            lr_final_factor, seed, opponent="critic",
+            lr_final_factor, seed, opponent_name="critic",
+            generator=generator, opponent_network=critic,
+            generator_optimizer=generator_optimizer, opponent_optimizer=critic_optimizer,
+            generator_lr_scheduler=generator_lr_scheduler, opponent_lr_scheduler=critic_lr_scheduler,
         )  # fmt: skip
-        self.save_hyperparameters()
+        self.save_hyperparameters(
+            ignore=live_arguments(
+                generator=generator, critic=critic,
+                generator_optimizer=generator_optimizer, critic_optimizer=critic_optimizer,
+                generator_lr_scheduler=generator_lr_scheduler, critic_lr_scheduler=critic_lr_scheduler,
+            )
+        )  # fmt: skip
         self.divergence = divergence
         self.val_bound, self.test_bound = BoundMetric(divergence), BoundMetric(divergence)
 

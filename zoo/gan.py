@@ -13,8 +13,12 @@ A generator G maps z ~ N(0, I) to x = G(z); a discriminator D returns a logit l 
 * ``n_critic`` discriminator steps per generator step; manual optimisation with ``manual_backward`` (details,
   and why it runs under plain DDP, in :mod:`zoo.adversarial`).
 
-Networks follow the data's shape: ``network="auto"`` picks DCGAN-style convolutions for (C, 28, 28) images
-(``zoo.networks.conv_decoder`` / ``conv_encoder``) and MLPs otherwise; image generators end in a sigmoid.
+Networks are plug-ins: ``generator`` ([B, latent_dim] -> [B, *shape]) and ``discriminator`` ([B, *shape]
+-> [B] or [B, 1] logits) take any ``nn.Module``, checked once at construction. Without one, the presets
+follow the data's shape: ``network="auto"`` picks DCGAN-style convolutions for (C, H, H) images, H in
+{16, 28, 32, 64} (``zoo.networks.conv_decoder`` / ``conv_encoder``), and MLPs otherwise; preset image
+generators end in a sigmoid. Each player takes its own optimiser and schedule (``generator_optimizer``,
+``discriminator_optimizer``, ``generator_lr_scheduler``, ``discriminator_lr_scheduler``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from zoo.adversarial import (
@@ -33,28 +37,49 @@ from zoo.adversarial import (
     discriminator_loss,
     generator_loss,
 )
+from zoo.plugins import LRSchedulerCallable, OptimizerCallable, live_arguments
 
 
 class GAN(Adversarial):
-    """A GAN on any data with a ``shape``: MLPs for vectors, DCGAN-style convolutions for 28x28 images.
+    """A GAN on any data with a ``shape``: your networks, or MLPs for vectors and DCGAN-style convolutions for
+    (C, H, H) images, H in {16, 28, 32, 64}.
 
     Args:
         shape: shape of one example, linked from the datamodule by the CLI, e.g. ``(2,)`` or ``(1, 28, 28)``.
         latent_dim: dimension of z ~ N(0, I).
-        hidden: widths of the MLP hidden layers (G: latent -> hidden -> data; D: data -> hidden -> 1); with
-            convolutions only ``hidden[-1]`` is used (D's feature width).
-        network: ``"auto"`` (conv for (C, 28, 28) images, else mlp), ``"mlp"`` or ``"conv"``.
+        hidden: widths of the preset MLPs' hidden layers (G: latent -> hidden -> data; D: data -> hidden ->
+            1); with convolutions only ``hidden[-1]`` is used (D's feature width). Ignored for a given
+            network.
+        network: the presets: ``"auto"`` (conv for (C, H, H) images with H in {16, 28, 32, 64}, else mlp),
+            ``"mlp"`` or ``"conv"``. Ignored for a role whose network is given.
         loss: ``"minimax"``, ``"nonsaturating"`` or ``"hinge"``.
         r1_gamma: weight γ of R1 = γ/2 E_data ||∇_x D(x)||² (0: off).
         r2_gamma: weight γ of R2 = γ/2 E_G ||∇_x D(x)||² (0: off).
         n_critic: discriminator steps (batches) per generator step.
-        lr_g, lr_d: Adam learning rates of the generator and the discriminator.
-        betas: Adam's (β1, β2) for both.
+        lr_g, lr_d: Adam learning rates of the generator and the discriminator (the default optimisers'
+            shorthand: ignored for a player whose ``*_optimizer`` is given).
+        betas: Adam's (β1, β2) for both default optimisers.
         clip_norm: clip each player's gradient norm to this value before its step (0: off). Use it instead of
             ``Trainer(gradient_clip_val=...)``, which manual optimisation refuses.
-        lr_final_factor: both learning rates decay linearly to ``lr * lr_final_factor`` over the run
-            (``LinearLR`` stepped once per batch, saved in checkpoints); 1 keeps them constant.
+        lr_final_factor: the learning rate of each player without a ``*_lr_scheduler`` decays linearly to
+            ``lr * lr_final_factor`` over the run (``LinearLR`` stepped once per batch, saved in checkpoints);
+            1 keeps it constant.
         seed: seed of the training and validation noise (see :mod:`zoo.noise`).
+        generator: your generator, ``z [B, latent_dim] -> x [B, *shape]`` (None: the ``network`` preset). Its
+            output range is yours; image data must still be in [0, 1].
+        discriminator: your discriminator, ``x [B, *shape] -> logits [B]`` or ``[B, 1]`` (a ``[B, 1]`` one is
+            wrapped as ``nn.Sequential(yours, nn.Flatten(0))``, so ``gan.discriminator(x)`` is ``[B]``).
+            With R1 / R2 it must treat examples independently (no batch norm); the check cannot see that.
+        generator_optimizer, discriminator_optimizer: callables ``params -> Optimizer`` (e.g.
+            ``functools.partial(torch.optim.AdamW, lr=1e-4)``, or ``class_path`` / ``init_args`` in a recipe);
+            None: Adam at ``lr_g`` / ``lr_d`` with ``betas``.
+        generator_lr_scheduler, discriminator_lr_scheduler: callables ``optimizer -> scheduler``, stepped once
+            per batch (so ``T_max`` / ``total_iters`` / ``step_size`` count batches); None: the
+            ``lr_final_factor`` shorthand.
+
+    A network or callable given from Python is not saved in the hyperparameters (reload with
+    ``GAN.load_from_checkpoint(path, generator=MyGenerator(), ...)``); given from a recipe it is, as its
+    ``class_path`` / ``init_args`` (reload with no arguments).
 
     Logged: ``train/d_loss`` (penalties included), ``train/g_loss``, ``train/r1`` and ``train/r2`` when on,
     ``val/d_loss`` (no penalties) and, on Gaussian-mixture data (``Toy2D`` 8 / 25 Gaussians),
@@ -83,14 +108,30 @@ class GAN(Adversarial):
         clip_norm: float = 0.0,
         lr_final_factor: float = 1.0,
         seed: int = 0,
+        generator: nn.Module | None = None,
+        discriminator: nn.Module | None = None,
+        generator_optimizer: OptimizerCallable | None = None,
+        discriminator_optimizer: OptimizerCallable | None = None,
+        generator_lr_scheduler: LRSchedulerCallable | None = None,
+        discriminator_lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         if loss not in GAN_LOSSES:
             raise ValueError(f"loss must be one of {', '.join(map(repr, GAN_LOSSES))}; got {loss!r}")
         super().__init__(
             shape, latent_dim, hidden, network, r1_gamma, r2_gamma, n_critic, lr_g, lr_d, betas, clip_norm,
-            lr_final_factor, seed, opponent="discriminator",
+            lr_final_factor, seed, opponent_name="discriminator",
+            generator=generator, opponent_network=discriminator,
+            generator_optimizer=generator_optimizer, opponent_optimizer=discriminator_optimizer,
+            generator_lr_scheduler=generator_lr_scheduler, opponent_lr_scheduler=discriminator_lr_scheduler,
         )  # fmt: skip
-        self.save_hyperparameters()
+        self.save_hyperparameters(
+            ignore=live_arguments(
+                generator=generator, discriminator=discriminator,
+                generator_optimizer=generator_optimizer, discriminator_optimizer=discriminator_optimizer,
+                generator_lr_scheduler=generator_lr_scheduler,
+                discriminator_lr_scheduler=discriminator_lr_scheduler,
+            )
+        )  # fmt: skip
         self.loss = loss
         self.val_d_loss, self.test_d_loss = MeanMetric(), MeanMetric()
 
