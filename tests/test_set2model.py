@@ -4,6 +4,7 @@ reduction, the backward pass's memory, the episodes, retrieval mAP, DDP parity a
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import lightning as L
 import pytest
 import torch
 from cli_runs import cli_fit, metric_rows
+from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits
 from torchmetrics.functional.retrieval import retrieval_average_precision
 
@@ -403,3 +405,119 @@ def test_resume_through_the_cli_is_exact(tmp_path: Path) -> None:
                                   f"--ckpt_path={checkpoint}"))  # fmt: skip
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
+
+
+# -- the embedding is a plug-in; so are the optimiser and its schedule -------------------------------------
+
+
+class ConvEmbedding(nn.Module):
+    """A user's embedding ``[B, 1, 8, 8] -> [B, width]`` (a small convnet, not one of genzoo's presets)."""
+
+    def __init__(self, width: int = 6, flat: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=1)  # 8x8 -> 4x4
+        self.head = nn.Linear(4 * 4 * 4, width)
+        self.flat = flat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.head(torch.relu(self.conv(x)).flatten(1))
+        return z.flatten() if self.flat else z
+
+
+def train_on_episodes(model: Set2Model, steps: int) -> L.Trainer:
+    """``steps`` steps on digit episodes (sets of 5, 8 queries, batches of 4), validation off."""
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    data = Episodes(set_size=5, n_queries=8, train_episodes=64, val_episodes=8, test_episodes=8, batch_size=4)
+    trainer.fit(model, datamodule=data)
+    return trainer
+
+
+def test_a_users_embedding_trains_under_a_trainer_and_reloads_from_its_checkpoint(tmp_path: Path) -> None:
+    """A convnet embedding of width 6: E is read from its dry run (``embedding_dim`` ignored, α starts at
+    1/6); 6 steps: finite loss, every weight of the user's network moved; the checkpoint reloads with
+    ``Set2Model.load_from_checkpoint(path, embedding=ConvEmbedding())`` and scores queries bit for bit."""
+    torch.manual_seed(0)
+    model = Set2Model(shape=(1, 8, 8), embedding=ConvEmbedding(), n_components=1, em_steps=3)
+    assert model.embedding_dim == 6 and model.log_alpha.item() == pytest.approx(-math.log(6))
+    assert "embedding" not in model.hparams
+    before = {name: p.detach().clone() for name, p in model.net.named_parameters()}
+    trainer = train_on_episodes(model, 6)
+    assert trainer.global_step == 6 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    for name, p in model.net.named_parameters():
+        assert not torch.equal(p, before[name]), name
+    trainer.save_checkpoint(tmp_path / "s2m.ckpt")
+    restored = Set2Model.load_from_checkpoint(tmp_path / "s2m.ckpt", embedding=ConvEmbedding())
+    sets, queries, _ = episode_batch()
+    with torch.no_grad():
+        assert torch.equal(model.score(model.fit(sets), queries), restored.score(restored.fit(sets), queries))
+
+
+def test_a_wrong_shape_embedding_fails_at_construction_naming_the_role() -> None:
+    """An embedding that returns ``[B * E]`` instead of ``[B, E]`` is refused when the family is built."""
+    message = (
+        r"Set2Model: the embedding \(ConvEmbedding\) must map \[B, 1, 8, 8\] to \[B, E\].*returned \[12\]"
+    )
+    with pytest.raises(ValueError, match=message):
+        Set2Model(shape=(1, 8, 8), embedding=ConvEmbedding(flat=True))
+
+
+def test_the_optimizer_and_schedule_are_the_users() -> None:
+    """``optimizer=partial(SGD, lr=0.1)`` is what the Trainer steps with; ``LinearLR(start_factor=1,
+    end_factor=0.5, total_iters=4)`` lowers it linearly: 0.1 · (1 - 0.5 · 3/4) = 0.0625 after 3 steps."""
+    torch.manual_seed(0)
+    model = Set2Model(
+        shape=(1, 8, 8), embedding_dim=4, n_components=1, em_steps=3, hidden=(16,),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        lr_scheduler=functools.partial(torch.optim.lr_scheduler.LinearLR, start_factor=1.0, end_factor=0.5,
+                                       total_iters=4),
+    )  # fmt: skip
+    trainer = train_on_episodes(model, 3)
+    (optimizer,) = trainer.optimizers
+    assert type(optimizer) is torch.optim.SGD
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0625, rel=1e-12)
+    default = Set2Model(shape=(1, 8, 8), hidden=(8,), lr=2e-3).configure_optimizers()
+    assert type(default) is torch.optim.Adam and default.param_groups[0]["lr"] == 2e-3
+
+
+def test_a_users_embedding_under_bf16_autocast_keeps_the_fit_in_float32() -> None:
+    """Under CPU bf16 autocast the user's convnet runs in bfloat16, its embeddings are cast to float32 for
+    the EM fit and the query log-likelihoods, and the implicit backward reaches every weight finitely."""
+    torch.manual_seed(0)
+    model = Set2Model(shape=(1, 8, 8), embedding=ConvEmbedding(), n_components=2, em_steps=3)
+    sets, queries, labels = episode_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.net(sets[0]).dtype == torch.bfloat16
+        fit = model.fit(sets)
+        loss = model.training_loss((sets, queries, labels))
+    assert fit.means.dtype == fit.scales.dtype == loss.dtype == torch.float32
+    loss.backward()
+    for name, p in model.net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_a_users_embedding_from_a_recipe_reloads_with_no_arguments(tmp_path: Path, monkeypatch) -> None:
+    """``--model.embedding`` as class_path / init_args through ``cli.py fit`` (2 steps): the checkpoint keeps
+    the config, ``Set2Model.load_from_checkpoint(path)`` rebuilds the network and scores bit for bit."""
+    from cli import run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    embedding = f'{{"class_path": "{__name__}.ConvEmbedding", "init_args": {{"width": 5}}}}'
+    cli = run([
+        "fit", "--model=Set2Model", f"--model.embedding={embedding}", "--model.n_components=1",
+        "--model.em_steps=3", "--data=Episodes", "--data.n_queries=8", "--data.train_episodes=8",
+        "--data.batch_size=4", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+        "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ])  # fmt: skip
+    assert type(cli.model.net) is ConvEmbedding and cli.model.embedding_dim == 5
+    (path,) = tmp_path.rglob("*.ckpt")
+    restored = Set2Model.load_from_checkpoint(path)
+    sets, queries, _ = episode_batch()
+    with torch.no_grad():
+        assert torch.equal(
+            cli.model.score(cli.model.fit(sets), queries), restored.score(restored.fit(sets), queries)
+        )
