@@ -103,7 +103,7 @@ def test_constrained_planar_layer_is_invertible_for_any_raw_parameters() -> None
 # -- coupling and MAF ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("transform", ["coupling", "maf"])
+@pytest.mark.parametrize("transform", ["coupling", "maf", "spline"])
 @pytest.mark.parametrize("dim", [2, 5])
 def test_invertible_flows_invert_and_their_log_det_matches_autograd(transform: str, dim: int) -> None:
     """float64, random weights at a larger scale than the initialisation (so the layers are far from the

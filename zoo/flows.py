@@ -7,8 +7,11 @@ Change of variables (Rezende & Mohamed 2015; seed 002 Q3): for x = F(u),
 * ``"coupling"``: RealNVP affine coupling (Dinh et al. 2017), x_b' = x_b · exp(s(x_a)) + t(x_a) with the
   halves a / b swapped between layers; ``"maf"``: masked autoregressive flow (Papamakarios et al. 2017), each
   coordinate an affine function of the previous ones through a MADE network, the order reversed between
-  layers. Both come from zuko (``zuko.flows.GeneralCouplingTransform``, ``MaskedAutoregressiveTransform``,
-  with zuko's ``MonotonicAffineTransform``: log-scales soft-clipped to ±log 1000). Their density direction
+  layers; ``"spline"``: neural spline flow (Durkan et al. 2019), the MAF with each affine map replaced by a
+  monotonic rational-quadratic spline of 8 bins on [-5, 5] (identity outside), zuko's ``NSF`` layer for
+  layer. All three come from zuko (``zuko.flows.GeneralCouplingTransform``, ``MaskedAutoregressiveTransform``,
+  with zuko's ``MonotonicAffineTransform``: log-scales soft-clipped to ±log 1000, or
+  ``MonotonicRQSTransform``). Their density direction
   x -> u is one network pass per layer, so ``log_prob(x)`` is exact and cheap; sampling a MAF takes D passes
   per layer. In 2-D the MAF differs from the coupling flow only by an extra learned affine map of the first
   coordinate per layer.
@@ -18,6 +21,13 @@ Change of variables (Rezende & Mohamed 2015; seed 002 Q3): for x = F(u),
   constraints below) but not in closed form, so only x ~ q with its log q(x) is available:
   :meth:`Flow.sample_and_log_prob`, and they train only with ``objective="reverse"`` (seed 002 Q3.2,
   scenario 1).
+
+Any zuko flow is a family too: ``Flow(shape, flow=zuko.flows.NSF(features=D, transforms=5))`` (NAF, MAF,
+NICE, ...; the ``flow`` role) gets the objectives, metrics, guards, keyed noise and CLI below around it.
+Its ``flow()`` must be a distribution over ``[D]``, D = prod(shape), with ``log_prob``; for reverse KL and
+sampling, a ``NormalizingFlow`` whose base is a factorised Normal (or has an ``icdf``, e.g. ``BoxUniform``),
+so that genzoo's keyed base noise u ~ N(0, I) is mapped into the base and pushed through the flow's inverse
+transform with its log-determinant.
 
 Objectives (seed 002 Q3.2). ``"forward"`` minimises KL(p_data || q) = E_data[-log q(x)] + const, which needs
 samples of the data and log q(x); ``"reverse"`` minimises KL(q || p) = E_{u ~ N}[log q(F(u)) - log p(F(u))],
@@ -36,23 +46,36 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
 import zuko
 from torch import Tensor, nn
+from torch.distributions import Distribution, Independent, Normal
 from torch.nn.functional import softplus
 from torchmetrics import MeanMetric
+from zuko.distributions import NormalizingFlow
+from zuko.lazy import LazyDistribution
 
 from zoo.guards import check_data, check_finite
-from zoo.networks import numel
+from zoo.networks import check_role, dummy_batch, numel
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of, step_key
+from zoo.plugins import (
+    LRSchedulerCallable,
+    OptimizerCallable,
+    adam,
+    build_optimizer,
+    build_scheduler,
+    live_arguments,
+    optimizer_config,
+)
 
-TransformKind = Literal["coupling", "maf", "planar", "radial"]
+TransformKind = Literal["coupling", "maf", "spline", "planar", "radial"]
 Objective = Literal["forward", "reverse"]
-TRANSFORMS = ("coupling", "maf", "planar", "radial")
-INVERTIBLE = ("coupling", "maf")
+TRANSFORMS = ("coupling", "maf", "spline", "planar", "radial")
+INVERTIBLE = ("coupling", "maf", "spline")
+SPLINE_BINS = 8  # zuko's NSF default: K = 8 rational-quadratic bins per coordinate
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 
 # -- the 2-D potentials of Rezende & Mohamed (2015), table 1: p(z) ∝ exp(-U(z)) ------------------------------
@@ -175,19 +198,29 @@ class Flow(L.LightningModule):
 
     Args:
         shape: shape of one example, linked from the datamodule by the CLI, e.g. ``(2,)``.
-        transform: ``"coupling"`` (RealNVP affine), ``"maf"``, ``"planar"`` or ``"radial"``.
-        n_layers: number of layers composed.
-        hidden: widths of the conditioner networks (coupling, MAF); unused by planar / radial.
+        transform: the preset flow: ``"coupling"`` (RealNVP affine), ``"maf"``, ``"spline"`` (neural spline
+            flow, zuko's NSF), ``"planar"`` or ``"radial"``. Ignored when ``flow`` is given.
+        n_layers: number of layers composed (preset only).
+        hidden: widths of the conditioner networks (coupling, MAF, spline); unused by planar / radial and
+            ignored when ``flow`` is given.
         objective: ``"forward"`` (maximum likelihood on the data) or ``"reverse"`` (KL(q || p) against
             ``target`` from the flow's own samples; the batch only sets how many samples a step draws).
             Planar and radial flows need ``"reverse"``.
         target: for ``"reverse"``: ``"U1"``-``"U4"`` (2-D potentials, normalised by quadrature), a callable
             ``log p(x) [B, *shape] -> [B]`` (a module-level function, so checkpoints can pickle it), or
             ``None``: the datamodule's exact ``log_prob`` (``Toy2D`` 8 / 25 Gaussians, checkerboard).
-        lr: Adam learning rate.
-        lr_final_factor: the learning rate decays linearly to ``lr * lr_final_factor`` over the run
-            (``LinearLR`` stepped every batch, saved in checkpoints; as ``zoo.GAN``); 1 keeps it constant.
+        lr: learning rate of the default optimiser (Adam); ignored when ``optimizer`` is given.
+        lr_final_factor: with no ``lr_scheduler``, the learning rate decays linearly to
+            ``lr * lr_final_factor`` over the run (``LinearLR`` stepped every batch, saved in checkpoints; as
+            ``zoo.GAN``); 1 keeps it constant.
         seed: seed of the training and evaluation noise (see :mod:`zoo.noise`).
+        flow: the ``flow`` role: any zuko lazy distribution over ``[D]`` (``zuko.flows.NSF(features=D)``,
+            ``NAF``, ``MAF``, ...; ``flow()`` returns the distribution), checked at construction. None builds
+            the ``transform`` preset.
+        optimizer: a callable ``params -> Optimizer`` (``functools.partial(torch.optim.SGD, lr=0.1)``, or
+            ``class_path`` / ``init_args`` in a recipe); None: Adam at ``lr``.
+        lr_scheduler: a callable ``optimizer -> scheduler``, stepped every optimizer step; None: the
+            ``lr_final_factor`` decay.
 
     Logged: ``train/loss``; forward: ``val/nll`` = E_data[-log q(x)]; reverse: ``val/reverse_kl`` =
     E_q[log q(x) - log p(x)] (the KL itself when the target is normalised); on data with an exact density
@@ -199,6 +232,9 @@ class Flow(L.LightningModule):
         >>> x, log_q = flow.sample_and_log_prob(5, generator=torch.Generator().manual_seed(0))
         >>> torch.allclose(flow.log_prob(x), log_q, atol=1e-4)
         True
+        >>> nsf = Flow(shape=(2,), flow=zuko.flows.NSF(features=2, transforms=2, hidden_features=(16,)))
+        >>> nsf.log_prob(x).shape
+        torch.Size([5])
     """
 
     def __init__(
@@ -212,15 +248,26 @@ class Flow(L.LightningModule):
         lr: float = 1e-3,
         lr_final_factor: float = 1.0,
         seed: int = 0,
+        flow: LazyDistribution | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in shape)
-        _check_arguments(shape, transform, n_layers, hidden, objective, target, lr, lr_final_factor)
-        self.save_hyperparameters()
+        _check_arguments(shape, transform, n_layers, hidden, objective, target, lr, lr_final_factor, flow)
+        self.save_hyperparameters(
+            ignore=live_arguments(flow=flow, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        )
         self.shape, self.dim, self.kind = shape, numel(shape), transform
         self.objective, self.target, self.lr, self.seed = objective, target, lr, seed
         self.lr_final_factor = float(lr_final_factor)
-        self.layers = nn.ModuleList(_layers(transform, self.dim, n_layers, tuple(hidden)))
+        self._optimizer_callable, self._lr_scheduler_callable = optimizer, lr_scheduler
+        if flow is None:
+            self.flow = None
+            self.layers = nn.ModuleList(_layers(transform, self.dim, n_layers, tuple(hidden)))
+        else:
+            _check_flow(flow, shape, objective)
+            self.flow, self.layers = flow, nn.ModuleList()
         self._data_log_prob: Callable[[Tensor], Tensor] | None = None
         names = ("nll", "kl", "reverse_kl")
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in names})
@@ -230,11 +277,12 @@ class Flow(L.LightningModule):
 
     @property
     def invertible(self) -> bool:
-        """Whether ``log_prob(x)`` exists (coupling, MAF): the inverse is available in closed form."""
-        return self.kind in INVERTIBLE
+        """Whether ``log_prob(x)`` exists (coupling, MAF, spline, a zuko flow): the density direction is
+        available in closed form."""
+        return self.flow is not None or self.kind in INVERTIBLE
 
     def _zuko_transform(self):
-        """The composed zuko transform in the density direction x -> u."""
+        """The composed zuko transform of a preset in the density direction x -> u."""
         return zuko.transforms.ComposedTransform(*(layer() for layer in self.layers))
 
     @staticmethod
@@ -243,7 +291,16 @@ class Flow(L.LightningModule):
         return -0.5 * (u**2).sum(-1) - 0.5 * u.shape[-1] * math.log(2 * math.pi)
 
     def push(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        """``u [B, D]`` from the base -> ``(x [B, D], log q(x) [B])`` = (F(u), log N(u) - log|det ∂F/∂u|)."""
+        """``u [B, D]`` from N(0, I) -> ``(x [B, D], log q(x) [B])`` = (F(u), log N(u) - log|det ∂F/∂u|).
+        A zuko flow's base: u is first mapped into it (z = loc + scale · u, or icdf(Φ(u))), then
+        x = T⁻¹(z) and log q(x) = log p_base(z) - log|det ∂T⁻¹/∂z|."""
+        if self.flow is not None:
+            distribution = self.flow()
+            z = _from_standard_normal(distribution.base, u)
+            x, ladj = distribution.transform.inv.call_and_ladj(z)
+            if distribution.reinterpreted:
+                ladj = ladj.sum(tuple(range(-distribution.reinterpreted, 0)))
+            return x, distribution.base.log_prob(z) - ladj
         if self.invertible:
             x, ladj = self._zuko_transform().inv.call_and_ladj(u)
             return x, self.base_log_prob(u) - ladj
@@ -255,18 +312,25 @@ class Flow(L.LightningModule):
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact log q(x) = log N(F⁻¹(x)) + log|det ∂F⁻¹/∂x| in nats, ``[B, *shape] -> [B]``."""
+        if self.flow is not None:
+            return self.flow().log_prob(x.flatten(1))
         if not self.invertible:
             raise NotImplementedError(
                 f"Flow(transform={self.kind!r}).log_prob(x) is not available: {self.kind} flows are not "
                 "invertible in closed form (seed 002 Q3), so log q(x) of a given x cannot be computed. "
                 "Use sample_and_log_prob(n), which returns samples with their exact log q, or "
-                "transform='coupling' / 'maf' for a density of any x."
+                "transform='coupling' / 'maf' / 'spline' for a density of any x."
             )
         u, ladj = self._zuko_transform().call_and_ladj(x.flatten(1))
         return self.base_log_prob(u) + ladj
 
     def sample_and_log_prob(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """``n`` draws x ~ q and their log q(x): ``([n, *shape], [n])``, differentiable (reparameterised)."""
+        if self.flow is not None:
+            distribution = self.flow()
+            if not _pushable(distribution):  # e.g. a mixture: zuko's own sampler, seeded from the generator
+                x = _own_sample(distribution, n, generator)
+                return x.reshape(n, *self.shape), distribution.log_prob(x)
         u = randn((n, self.dim), generator, device=self.device, dtype=self.dtype)
         x, log_q = self.push(u)
         return x.reshape(n, *self.shape), log_q
@@ -351,15 +415,146 @@ class Flow(L.LightningModule):
         self._evaluate(batch, batch_idx, "test", self.test_metrics)
 
     def configure_optimizers(self):
-        """Adam; with ``lr_final_factor != 1`` a ``LinearLR`` to ``lr * lr_final_factor`` over
-        ``trainer.estimated_stepping_batches`` steps, stepped every batch."""
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
-        if self.lr_final_factor == 1.0:
-            return optimizer
-        total = self.trainer.estimated_stepping_batches
-        total = int(total) if math.isfinite(total) and total > 0 else 1
-        decay = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, self.lr_final_factor, total_iters=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+        """``optimizer`` (default Adam at ``lr``) and ``lr_scheduler``; with no ``lr_scheduler`` and
+        ``lr_final_factor != 1`` a ``LinearLR`` to ``lr * lr_final_factor`` over
+        ``trainer.estimated_stepping_batches`` steps. Schedules step every batch."""
+        optimizer = build_optimizer(self, self.parameters(), self._optimizer_callable, adam(self.lr))
+        scheduler = build_scheduler(optimizer, self._lr_scheduler_callable, "lr_scheduler")
+        if scheduler is None and self.lr_final_factor != 1.0:
+            total = self.trainer.estimated_stepping_batches
+            total = int(total) if math.isfinite(total) and total > 0 else 1
+            scheduler = torch.optim.lr_scheduler.LinearLR(
+                optimizer, 1.0, self.lr_final_factor, total_iters=total
+            )
+        return optimizer_config(optimizer, scheduler)
+
+
+# -- the flow role: any zuko lazy distribution --------------------------------------------------------------
+
+
+class ZukoFlow(LazyDistribution):
+    """``zuko.flows.<name>(features=features, **options)``: any zuko flow by name, for recipes.
+
+    jsonargparse (4.53) reads the signatures of zuko's autoregressive flows (MAF, NSF, NAF, UNAF, SOSPF,
+    BPF) through ``MaskedAutoregressiveTransform.__new__`` and ``**kwargs`` down to ``zuko.nn.MLP``, and fills
+    in defaults (``normalize``, ``bias``, ``stack``) that the ``MaskedMLP`` it really builds does not take; so
+    ``class_path: zuko.flows.NSF`` fails when the CLI instantiates it (RealNVP and NICE fail to parse). Here
+    the flow's keyword arguments are one plain dict, which jsonargparse hands over untouched::
+
+        flow:
+          class_path: zoo.flows.ZukoFlow
+          init_args: {name: NSF, features: 2, options: {transforms: 8, hidden_features: [64, 64]}}
+
+    From Python, pass the zuko flow itself (``flow=zuko.flows.NSF(2, transforms=8)``).
+    """
+
+    def __init__(self, name: str, features: int, options: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        make = getattr(zuko.flows, name, None)
+        if not (isinstance(make, type) and issubclass(make, LazyDistribution)):
+            flows = sorted(
+                n
+                for n, c in vars(zuko.flows).items()
+                if isinstance(c, type) and issubclass(c, zuko.lazy.Flow)
+            )
+            raise ValueError(f"ZukoFlow: no zuko flow named {name!r}; zuko.flows has {', '.join(flows)}")
+        self.flow = make(features=features, **(options or {}))
+
+    def forward(self, c: Tensor | None = None) -> Distribution:
+        return self.flow(c)
+
+
+class _LogProb(nn.Module):
+    """The ``flow`` role's dry run: ``x [B, D] -> flow().log_prob(x) [B]``."""
+
+    def __init__(self, flow: LazyDistribution) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.flow().log_prob(x)
+
+
+def _check_flow(flow: nn.Module, shape: tuple[int, ...], objective: str) -> None:
+    """The ``flow`` role's contract: a zuko lazy distribution whose ``flow()`` is a distribution over
+    ``[D]``, D = prod(shape), with ``log_prob [B, D] -> [B]``; for reverse KL one genzoo can push its keyed
+    base noise through (:func:`_pushable`)."""
+    dim, name = numel(shape), type(flow).__name__
+    example = f"e.g. zuko.flows.NSF(features={dim}, transforms=5)"
+    if not isinstance(flow, LazyDistribution):
+        raise ValueError(
+            "Flow: the flow must be a zuko lazy distribution (zuko.flows.Flow / LazyDistribution, "
+            f"{example}); got {name}"
+        )
+    try:
+        distribution = flow()
+    except Exception as error:
+        raise ValueError(
+            f"Flow: the flow ({name}) failed to build its distribution with flow() (no context; genzoo's "
+            f"flows are unconditional). It raised {type(error).__name__}: {error}"
+        ) from error
+    event = tuple(distribution.event_shape)
+    if event != (dim,):
+        raise ValueError(
+            f"Flow: the flow ({name}) must be a distribution over [{dim}] (D = {dim} features, the data's "
+            f"shape {shape} flattened); it is one over {list(event)}. Build it with features={dim} "
+            f"({example})."
+        )
+    probe = type(name, (_LogProb,), {})(flow)  # named as the user's class: check_role's message names it
+    check_role(
+        "Flow", "flow", probe, [dummy_batch((dim,), like=flow)], ("B",),
+        hint=f"flow().log_prob of x [B, {dim}] must be [B] (genzoo's flows are unconditional: context=0). ",
+    )  # fmt: skip
+    if objective == "reverse" and not _pushable(distribution):
+        raise ValueError(
+            f"Flow: the flow ({name}) cannot be trained with objective='reverse' here: reverse KL pushes "
+            "genzoo's keyed base noise through the flow's inverse, which needs a zuko NormalizingFlow whose "
+            f"base is a factorised Normal or has an icdf; flow() is {_describe(distribution)}."
+        )
+
+
+def _describe(distribution: Distribution) -> str:
+    if isinstance(distribution, NormalizingFlow):
+        return f"a NormalizingFlow on a {type(_factors(distribution.base)).__name__} base"
+    return f"a {type(distribution).__name__}, not a NormalizingFlow"
+
+
+def _factors(base: Distribution) -> Distribution:
+    """The factorised distribution inside ``Independent`` wrappers (zuko's DiagNormal, BoxUniform)."""
+    while isinstance(base, Independent):
+        base = base.base_dist
+    return base
+
+
+def _has_icdf(distribution: Distribution) -> bool:
+    return type(distribution).icdf is not Distribution.icdf
+
+
+def _pushable(distribution: Distribution) -> bool:
+    """Whether genzoo's base noise u ~ N(0, I) maps into this distribution's base (see :meth:`Flow.push`)."""
+    if not isinstance(distribution, NormalizingFlow):
+        return False
+    base = _factors(distribution.base)
+    return isinstance(base, Normal) or _has_icdf(base)
+
+
+def _from_standard_normal(base: Distribution, u: Tensor) -> Tensor:
+    """u ~ N(0, I) -> z ~ base, reparameterised: loc + scale · u for a (factorised) Normal, icdf(Φ(u))
+    otherwise (exact in distribution; differentiable in the base's parameters)."""
+    factors = _factors(base)
+    if isinstance(factors, Normal):
+        return factors.loc + factors.scale * u
+    return factors.icdf(torch.special.ndtr(u))
+
+
+def _own_sample(distribution: Distribution, n: int, generator: torch.Generator | None) -> Tensor:
+    """zuko's own sampler for a distribution :func:`_pushable` rejects, made reproducible from ``generator``
+    by seeding a forked global generator from it."""
+    seed = int(torch.randint(0, 1 << 62, (), generator=generator))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        sampler = distribution.rsample if distribution.has_rsample else distribution.sample
+        return sampler((n,))
 
 
 def _layers(kind: str, dim: int, n_layers: int, hidden: tuple[int, ...]) -> list[nn.Module]:
@@ -375,30 +570,38 @@ def _layers(kind: str, dim: int, n_layers: int, hidden: tuple[int, ...]) -> list
             )
             for i in range(n_layers)
         ]
-    order = torch.arange(dim)  # maf: the autoregressive order reverses between layers
+    spline = {}  # maf: affine maps; spline: zuko's NSF, monotonic rational-quadratic splines of K bins
+    if kind == "spline":
+        spline = {
+            "univariate": functools.partial(zuko.transforms.MonotonicRQSTransform, slope=1e-3),
+            "shapes": [(SPLINE_BINS,), (SPLINE_BINS,), (SPLINE_BINS - 1,)],  # widths, heights, knot slopes
+        }
+    order = torch.arange(dim)  # the autoregressive order reverses between layers
     return [
         zuko.flows.MaskedAutoregressiveTransform(
-            dim, order=order if i % 2 == 0 else order.flip(0), hidden_features=hidden
+            dim, order=order if i % 2 == 0 else order.flip(0), hidden_features=hidden, **spline
         )
         for i in range(n_layers)
     ]
 
 
-def _check_arguments(shape, transform, n_layers, hidden, objective, target, lr, lr_final_factor) -> None:
+def _check_arguments(
+    shape, transform, n_layers, hidden, objective, target, lr, lr_final_factor, flow=None
+) -> None:
     if not shape or any(s <= 0 for s in shape):
         raise ValueError(f"shape must be a non-empty tuple of positive sizes; got {shape}")
     if transform not in TRANSFORMS:
         raise ValueError(f"transform must be one of {', '.join(map(repr, TRANSFORMS))}; got {transform!r}")
-    if transform in INVERTIBLE and numel(shape) < 2:
+    if flow is None and transform in INVERTIBLE and numel(shape) < 2:
         raise ValueError(f"transform={transform!r} needs at least 2 features; got shape={shape}")
     if objective not in ("forward", "reverse"):
         raise ValueError(f"objective must be 'forward' or 'reverse'; got {objective!r}")
-    if objective == "forward" and transform not in INVERTIBLE:
+    if objective == "forward" and flow is None and transform not in INVERTIBLE:
         raise ValueError(
             f"transform={transform!r} cannot be trained with objective='forward': maximum likelihood needs "
             "log q(x) of the data, and planar / radial flows are not invertible in closed form "
             "(seed 002 Q3). "
-            "Use objective='reverse' with a target density, or transform='coupling' / 'maf'."
+            "Use objective='reverse' with a target density, or transform='coupling' / 'maf' / 'spline'."
         )
     if objective == "forward" and target is not None:
         raise ValueError("target is the reverse objective's density; with objective='forward' leave it None")
