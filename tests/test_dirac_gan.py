@@ -4,6 +4,7 @@ seed's J*, its training step against the Euler step, and short runs that circle 
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -20,9 +21,11 @@ from zoo.dirac_gan import dirac_gan_field
 F64 = dict(dtype=torch.float64)
 
 
-def model_at(psi0: float, psi1: float, theta: float, gamma: float = 0.0, lr: float = 0.1) -> DiracGAN:
+def model_at(
+    psi0: float, psi1: float, theta: float, gamma: float = 0.0, lr: float = 0.1, **kwargs
+) -> DiracGAN:
     """A float64 model at exactly this point (the constructor keeps float32 values)."""
-    model = DiracGAN(gamma=gamma, lr=lr).double()
+    model = DiracGAN(gamma=gamma, lr=lr, **kwargs).double()
     with torch.no_grad():
         for name, value in (("psi0", psi0), ("psi1", psi1), ("theta", theta)):
             getattr(model, name).fill_(value)
@@ -127,6 +130,40 @@ def test_training_takes_simultaneous_euler_steps(gamma: float, tmp_path: Path) -
     fit(model, tmp_path, epochs=3)
     expected = euler((0.2, -0.1, 1.0), gamma, 0.1, 30)
     np.testing.assert_allclose(model.trajectory_tensor().numpy(), expected, atol=1e-12, rtol=0)
+
+
+def test_an_optimizer_given_is_the_discretisation_heavy_ball_momentum(tmp_path: Path) -> None:
+    """``optimizer=partial(SGD, lr=0.1, momentum=0.5)`` is what the Trainer steps, and 30 module steps are the
+    heavy-ball iteration b_{k+1} = μ b_k - v(x_k), x_{k+1} = x_k - lr b_{k+1} of the closed-form field
+    (float64, 1e-12); it differs from the Euler trajectory by more than 0.1."""
+    model = model_at(0.2, -0.1, 1.0, 0.5, optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.5))
+    trainer = fit(model, tmp_path, epochs=3)
+    (optimizer,) = trainer.optimizers
+    assert type(optimizer) is torch.optim.SGD and optimizer.param_groups[0]["momentum"] == 0.5
+    x, b, expected = torch.tensor((0.2, -0.1, 1.0), **F64), torch.zeros(3, **F64), [(0.2, -0.1, 1.0)]
+    for _ in range(30):
+        b = 0.5 * b - dirac_gan_field(*x, 0.5)
+        x = x - 0.1 * b
+        expected.append(tuple(x.tolist()))
+    np.testing.assert_allclose(model.trajectory_tensor().numpy(), np.array(expected), atol=1e-12, rtol=0)
+    assert np.abs(np.array(expected) - euler((0.2, -0.1, 1.0), 0.5, 0.1, 30)).max() > 0.1
+    assert "optimizer" not in model.hparams  # a live callable: left out of the checkpoint
+
+
+def test_an_lr_scheduler_changes_the_euler_step_every_step(tmp_path: Path) -> None:
+    """``StepLR(step_size=10, gamma=0.5)`` on the default SGD: steps 0-9 are Euler steps of lr 0.1, 10-19 of
+    0.05, 20-29 of 0.025 (float64, 1e-12), and the lr is 0.0125 after 30 steps."""
+    halve = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=10, gamma=0.5)
+    model = model_at(0.2, -0.1, 1.0, 1.0, lr=0.1, lr_scheduler=halve)
+    trainer = fit(model, tmp_path, epochs=3)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0125, rel=1e-12)
+    x, expected = torch.tensor((0.2, -0.1, 1.0), **F64), [(0.2, -0.1, 1.0)]
+    for k in range(30):
+        x = x + 0.1 * 0.5 ** (k // 10) * dirac_gan_field(*x, 1.0)
+        expected.append(tuple(x.tolist()))
+    np.testing.assert_allclose(model.trajectory_tensor().numpy(), np.array(expected), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="DiracGAN: lr_scheduler cannot be ReduceLROnPlateau"):
+        fit(DiracGAN(lr_scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau), tmp_path / "plateau", epochs=1)
 
 
 def test_without_penalty_the_iterates_circle_and_drift_out_with_r1_they_converge(tmp_path: Path) -> None:

@@ -20,10 +20,16 @@ Training takes simultaneous gradient steps, θ_{k+1} = θ_k + lr · v(θ_k) for 
 explicit Euler discretisation of the dynamics, plain SGD), with Lightning's manual optimisation. Euler on a
 centre multiplies the distance to the equilibrium by |1 + lr·i/2| = sqrt(1 + lr²/4) > 1 per step near it, so
 without the penalty the iterates spiral slowly OUTWARD; with γ > 0 they converge.
+
+Another discretisation is an ``optimizer`` (any ``torch.optim`` rule applied to the same simultaneous
+gradients -v): heavy-ball momentum, Adam, extrapolation-free variants, ...; an ``lr_scheduler``
+changes the step size per step. The field, its Jacobian and ``game`` do not depend on either; only the
+trajectory does (Euler's closed-form behaviour above holds for the default, plain SGD at a constant ``lr``).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Sequence
@@ -34,6 +40,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.guards import check_data, check_finite
+from zoo.plugins import (
+    LRSchedulerCallable,
+    OptimizerCallable,
+    build_optimizer,
+    build_scheduler,
+    live_arguments,
+)
 from zoo.strategies import check_strategy
 
 
@@ -83,9 +96,14 @@ class DiracGAN(L.LightningModule):
         theta: initial generator position θ (the generator is the point mass δ_θ).
         psi0: initial critic slope ψ0.
         psi1: initial critic offset ψ1.
-        lr: step size of the simultaneous (plain SGD) gradient steps, the Euler step of the dynamics.
+        lr: step size of the simultaneous (plain SGD) gradient steps, the Euler step of the dynamics (the
+            default optimiser's shorthand: ignored when ``optimizer`` is given).
         shape: shape of one example, linked from the datamodule by the CLI; must be ``(1,)``.
         plot_every_n_epochs: log the trajectory picture every this many epochs (0: only when fit ends).
+        optimizer: a callable ``params -> Optimizer`` over (ψ0, ψ1, θ) together, applied to the simultaneous
+            gradients (e.g. ``functools.partial(torch.optim.SGD, lr=0.1, momentum=0.5)``, heavy ball); None:
+            ``SGD(lr)``, the Euler step.
+        lr_scheduler: a callable ``optimizer -> scheduler``, stepped after every step; None: constant.
 
     Offers ``game(batch)`` (the ``Game`` capability), ``vector_field(batch)``, ``discriminator(x)`` (the
     critic's logit) and ``sample(n)``. Logs ``train/theta``, ``train/psi0``, ``train/psi1`` (the point where
@@ -109,6 +127,8 @@ class DiracGAN(L.LightningModule):
         lr: float = 0.1,
         shape: Sequence[int] = (1,),
         plot_every_n_epochs: int = 0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in shape)
@@ -127,7 +147,8 @@ class DiracGAN(L.LightningModule):
         for name, value in (("theta", theta), ("psi0", psi0), ("psi1", psi1)):
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number; got {value}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=live_arguments(optimizer=optimizer, lr_scheduler=lr_scheduler))
+        self._optimizer_callable, self._lr_scheduler_callable = optimizer, lr_scheduler
         self.automatic_optimization = False
         self.shape, self.gamma, self.lr, self.plot_every_n_epochs = (
             shape,
@@ -244,6 +265,9 @@ class DiracGAN(L.LightningModule):
         optimizer.zero_grad()
         self.manual_backward(critic_loss + generator_loss)  # one backward: every parameter, DDP-safe
         optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
         self.trajectory.append(tuple(self.point().tolist()))
         psi0, psi1, theta = point.tolist()
         logs = {"theta": theta, "psi0": psi0, "psi1": psi1, "distance": self.distance(point), "value": value}
@@ -259,10 +283,21 @@ class DiracGAN(L.LightningModule):
         self.log("test/value", value, batch_size=batch.shape[0], sync_dist=True)
         self.log("test/distance", distance, batch_size=batch.shape[0], sync_dist=True)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        # Plain SGD on all three parameters: with the gradients of the simultaneous step this is
+    def configure_optimizers(self):
+        # Default, plain SGD on all three parameters: with the gradients of the simultaneous step this is
         # x_{k+1} = x_k + lr · v(x_k), the explicit Euler step of the dynamics.
-        return torch.optim.SGD([self.psi0, self.psi1, self.theta], lr=self.lr)
+        euler = functools.partial(torch.optim.SGD, lr=self.lr)
+        params = [self.psi0, self.psi1, self.theta]
+        optimizer = build_optimizer(self, params, self._optimizer_callable, euler)
+        scheduler = build_scheduler(optimizer, self._lr_scheduler_callable, "lr_scheduler")
+        if scheduler is None:
+            return optimizer
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise ValueError(
+                "DiracGAN: lr_scheduler cannot be ReduceLROnPlateau (it is stepped after every step, with no "
+                "loss to monitor); use a schedule in steps (StepLR, LinearLR, ExponentialLR)"
+            )
+        return [optimizer], [scheduler]
 
     def on_train_epoch_end(self) -> None:
         epoch = self.current_epoch + 1
@@ -280,7 +315,8 @@ class DiracGAN(L.LightningModule):
         from callbacks.run import log_image
 
         self._plotted_step = trainer.global_step
-        caption = f"γ={self.gamma:g}, lr={self.lr:g}, step {trainer.global_step}"
+        rule = f"lr={self.lr:g}" if self._optimizer_callable is None else type(trainer.optimizers[0]).__name__
+        caption = f"γ={self.gamma:g}, {rule}, step {trainer.global_step}"
         log_image(
             trainer, "dirac_gan/trajectory", trajectory_plot(self.trajectory_tensor(), self.loc, caption)
         )
