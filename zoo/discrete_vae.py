@@ -192,21 +192,18 @@ class DiscreteVAE(L.LightningModule):
             anneal_steps,
         )
         dim_x, dim_z, hidden = numel(shape), n_latents * n_categories, tuple(hidden)
-        if encoder is None:  # its last layer gives the logits: the state_dict of genzoo's earlier presets
-            self.encoder, self.posterior_head = (
-                nn.Sequential(nn.Flatten(), mlp(dim_x, hidden, dim_z)),
-                nn.Identity(),
-            )
+        if encoder is None:  # the MLP ends in the logits: the state_dict of genzoo's earlier presets
+            encoder, head = nn.Sequential(nn.Flatten(), mlp(dim_x, hidden, dim_z)), nn.Identity()
         else:
             inputs = [dummy_batch(shape, like=encoder)]
             features = check_role("DiscreteVAE", "encoder", encoder, inputs, ("B", "F")).shape[1]
-            self.encoder, self.posterior_head = encoder, nn.Linear(features, dim_z)
+            head = nn.Linear(features, dim_z)  # [B, F] -> [B, L * C] logits
         if decoder is None:  # nn.Unflatten has no parameters: the state_dict keys are the flat MLP's
-            self.decoder = mlp(dim_z, hidden[::-1], dim_x).append(nn.Unflatten(1, shape))
+            decoder = mlp(dim_z, hidden[::-1], dim_x).append(nn.Unflatten(1, shape))
         else:
             inputs = [dummy_batch((dim_z,), like=decoder)]
             check_role("DiscreteVAE", "decoder", decoder, inputs, ("B", *shape), hint=_DECODER_HINT)
-            self.decoder = decoder
+        self.encoder, self.posterior_head, self.decoder = encoder, head, decoder
         self.baseline = MovingAverageBaseline() if estimator == "score" else None
         self.val_elbo, self.val_iwae = MeanMetric(), MeanMetric()
         self.test_elbo, self.test_iwae = MeanMetric(), MeanMetric()
