@@ -5,12 +5,16 @@ needs far fewer steps than Adam and SGD."""
 
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
 
+from datamodules import Toy2D
 from zoo import ExplicitGaussian
 from zoo.natural_gradient import NaturalGradient, conjugate_gradient, fisher_vector_product
 
@@ -212,3 +216,94 @@ def test_two_processes_match_one_and_a_resumed_run_continues_exactly(tmp_path) -
     )  # fmt: skip
     state = check_parity_and_resume(tmp_path, args, ("val/log_prob",), pictures=500)
     assert set(state) == {"mean", "tril"}
+
+
+# -- the natural gradient is a choice of the family's ``optimizer`` argument ---------------------------------
+
+
+def fit_gaussian(model: ExplicitGaussian, steps: int) -> L.Trainer:
+    """``steps`` steps under a Trainer on 512 points of the two moons (batches of 128), validation off."""
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=Toy2D("moons", n_train=512, n_val=64, n_test=64, batch_size=128))
+    return trainer
+
+
+def test_natural_gradient_as_an_optimizer_callable_is_the_shorthand_bit_for_bit() -> None:
+    """``optimizer=partial(NaturalGradient, lr=0.5, n_samples=64)``: Lightning's closure-based step runs it,
+    the family is bound as its model, and 3 steps give the weights of ``optimizer="natural", lr=0.5,
+    fisher_samples=64`` bit for bit (same Fisher samples, keyed by (seed, step))."""
+    plug_in = ExplicitGaussian(shape=(2,), optimizer=functools.partial(NaturalGradient, lr=0.5, n_samples=64))
+    assert "optimizer" not in plug_in.hparams
+    trainer = fit_gaussian(plug_in, 3)
+    (optimizer,) = trainer.optimizers
+    assert type(optimizer) is NaturalGradient and optimizer.model is plug_in and optimizer._step_count() == 3
+    shorthand = ExplicitGaussian(shape=(2,), optimizer="natural", lr=0.5, fisher_samples=64)
+    fit_gaussian(shorthand, 3)
+    assert not torch.equal(plug_in.mean, torch.zeros(2))
+    for a, b in zip(plug_in.parameters(), shorthand.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_schedule_steps_the_natural_gradients_lr_and_sgd_is_the_users() -> None:
+    """``StepLR(step_size=2, gamma=0.1)`` on NaturalGradient(lr=1): lr 0.1 after 3 steps (the optimiser reads
+    its group's lr at every step). ``optimizer=partial(SGD, lr=0.01)`` is the Trainer's optimiser."""
+    scheduled = ExplicitGaussian(
+        shape=(2,), optimizer=functools.partial(NaturalGradient, lr=1.0, n_samples=64),
+        lr_scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=2, gamma=0.1),
+    )  # fmt: skip
+    trainer = fit_gaussian(scheduled, 3)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1, rel=1e-12)
+    sgd = ExplicitGaussian(shape=(2,), optimizer=functools.partial(torch.optim.SGD, lr=0.01))
+    assert type(fit_gaussian(sgd, 1).optimizers[0]) is torch.optim.SGD
+    assert type(ExplicitGaussian(shape=(2,), optimizer="adam").configure_optimizers()) is torch.optim.Adam
+
+
+def test_natural_gradient_without_a_model_says_how_to_bind_one() -> None:
+    model = ExplicitGaussian(shape=(2,))
+    optimizer = NaturalGradient(model.parameters(), lr=1.0)
+    model.training_loss(torch.randn(8, 2)).backward()
+    with pytest.raises(RuntimeError, match="bind_model"):
+        optimizer.step()
+    optimizer.bind_model(model)
+    optimizer.step()
+    assert optimizer._step_count() == 1
+    with pytest.raises(TypeError, match="log_prob"):
+        optimizer.bind_model(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="optimizer must be"):
+        ExplicitGaussian(shape=(2,), optimizer="lbfgs")
+
+
+@pytest.mark.slow
+def test_the_recipes_class_path_form_is_the_shorthand_and_reloads_with_no_arguments(tmp_path, monkeypatch):
+    """``configs/natural_gradient_toy2d.yaml`` names ``zoo.natural_gradient.NaturalGradient`` by class_path;
+    ``--model.optimizer=natural --model.fisher_samples=512`` is the same run: 3 steps give the same weights
+    bit for bit. The class_path run's checkpoint reloads with ``load_from_checkpoint(path)`` alone, and its
+    optimiser is rebuilt from the saved init_args (NaturalGradient, lr 1, 512 Fisher samples)."""
+    from cli import run
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "natural_gradient_toy2d.yaml")
+    models = {}
+    for form, extra in (("class_path", []), ("shorthand", ["--model.optimizer=natural",
+                                                           "--model.fisher_samples=512"])):  # fmt: skip
+        folder = tmp_path / form
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        cli = run([
+            "fit", "-c", recipe, *extra, "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
+            "--trainer.callbacks=[]", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+            "--data.n_train=3000", f"--trainer.default_root_dir={folder}",
+        ])  # fmt: skip
+        assert type(cli.trainer.optimizers[0]) is NaturalGradient
+        models[form] = cli.model
+    for a, b in zip(models["class_path"].parameters(), models["shorthand"].parameters(), strict=True):
+        assert torch.equal(a, b)
+    (path,) = (tmp_path / "class_path").rglob("*.ckpt")
+    restored = ExplicitGaussian.load_from_checkpoint(path)
+    assert torch.equal(restored.mean, models["class_path"].mean)
+    optimizer = restored.configure_optimizers()
+    assert type(optimizer) is NaturalGradient and optimizer.model is restored
+    assert optimizer.param_groups[0]["lr"] == 1.0 and optimizer.n_samples == 512

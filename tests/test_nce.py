@@ -250,6 +250,7 @@ def test_the_default_optimizer_is_adam_at_lr() -> None:
     assert type(optimizer) is torch.optim.Adam and optimizer.param_groups[0]["lr"] == 3e-3
 
 
+@pytest.mark.slow
 def test_a_users_energy_from_a_recipe_reloads_with_no_arguments(tmp_path: Path, monkeypatch) -> None:
     """The YAML form, ``energy: {class_path: test_nce.SmoothEnergy, init_args: {width: 8}}`` and an SGD
     optimizer, through ``cli.py fit`` (2 steps): the checkpoint holds the class_path config, so

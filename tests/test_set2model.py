@@ -498,6 +498,7 @@ def test_a_users_embedding_under_bf16_autocast_keeps_the_fit_in_float32() -> Non
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.slow
 def test_a_users_embedding_from_a_recipe_reloads_with_no_arguments(tmp_path: Path, monkeypatch) -> None:
     """``--model.embedding`` as class_path / init_args through ``cli.py fit`` (2 steps): the checkpoint keeps
     the config, ``Set2Model.load_from_checkpoint(path)`` rebuilds the network and scores bit for bit."""
