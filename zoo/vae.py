@@ -139,9 +139,9 @@ class VAE(L.LightningModule):
     ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in shape)
-        preset = decoder if isinstance(decoder, str) else "mlp"  # the kind of the networks built here
-        _check_arguments(shape, latent_dim, preset, likelihood, posterior, k, estimator, lr, eval_k)
         user_decoder = decoder if isinstance(decoder, nn.Module) else None
+        preset = "mlp" if user_decoder is not None else decoder  # the kind of the presets built here
+        _check_arguments(shape, latent_dim, preset, likelihood, posterior, k, estimator, lr, eval_k)
         self.save_hyperparameters(
             ignore=live_arguments(
                 encoder=encoder, decoder=user_decoder, optimizer=optimizer, lr_scheduler=lr_scheduler
@@ -372,7 +372,9 @@ def _check_arguments(shape, latent_dim, decoder, likelihood, posterior, k, estim
     if not shape or any(s <= 0 for s in shape):
         raise ValueError(f"shape must be a non-empty tuple of positive sizes; got {shape}")
     if decoder not in ("mlp", "conv", "linear"):
-        raise ValueError(f"decoder must be 'mlp', 'conv' or 'linear'; got {decoder!r}")
+        raise ValueError(
+            f"decoder must be a network (nn.Module) or 'mlp', 'conv' or 'linear'; got {decoder!r}"
+        )
     if decoder == "conv":
         check_conv_image(shape, "decoder='conv'", "decoder='mlp'")
     if likelihood not in ("bernoulli", "gaussian"):
