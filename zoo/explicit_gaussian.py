@@ -50,14 +50,14 @@ class ExplicitGaussian(L.LightningModule):
             ``"sgd"`` (at ``lr``); or a callable ``params -> Optimizer`` (``OptimizerCallable``, e.g.
             ``functools.partial(NaturalGradient, lr=1.0, damping=1e-4)`` or ``class_path`` / ``init_args``
             in a recipe), which the shorthand's arguments below do not touch.
-        lr_scheduler: a callable ``optimizer -> scheduler`` (``LRSchedulerCallable``), stepped every optimizer
-            step; None: a constant learning rate.
         lr: learning rate of the shorthands (1 is the full natural-gradient step); ignored for a callable.
         damping: damping of the Fisher (``"natural"`` only).
         fisher: ``"outer"`` or ``"kl_hessian"`` Fisher-vector products (``"natural"`` only).
         fisher_samples: model samples per step for the Fisher (``"natural"`` only).
         cg_iters: conjugate-gradient iterations per step (``"natural"`` only).
         seed: seed of the Fisher samples (``"natural"`` only; NaturalGradient's own ``seed`` otherwise).
+        lr_scheduler: a callable ``optimizer -> scheduler`` (``LRSchedulerCallable``), stepped every optimizer
+            step; None: a constant learning rate.
 
     Example:
         >>> import functools
@@ -70,13 +70,13 @@ class ExplicitGaussian(L.LightningModule):
         self,
         shape: Sequence[int],
         optimizer: Shorthand | OptimizerCallable = "natural",
-        lr_scheduler: LRSchedulerCallable | None = None,
         lr: float = 1.0,
         damping: float = 1e-4,
         fisher: Fisher = "outer",
         fisher_samples: int = 256,
         cg_iters: int = 50,
         seed: int = 0,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in shape)
