@@ -97,8 +97,8 @@ def test_a_users_denoiser_trains_under_a_trainer(build, data) -> None:
     trains the user's module itself (the family's ``net`` is it); its bound and samples have their shapes."""
     torch.manual_seed(0)
     model = build()
-    user = model.net
-    assert isinstance(user, (TimeMLP, TinyConv))
+    user = model.denoiser
+    assert isinstance(user, (TimeMLP, TinyConv)) and user is model.net  # `net`: the name in checkpoints
     before = {name: p.detach().clone() for name, p in user.named_parameters()}
     trainer = fit(model, data, 4)
     assert trainer.global_step == 4
@@ -114,7 +114,8 @@ def test_a_users_denoiser_trains_under_a_trainer(build, data) -> None:
     [
         (  # learned variances: twice the channels
             dict(shape=(2,), denoiser=TimeMLP(out=2)),
-            r"Diffusion: the denoiser \(TimeMLP\) must map \[B, 2\], \[B\] to \[B, 4\].*returned \[2, 2\]",
+            r"Diffusion: the denoiser \(TimeMLP\) must map \[B, 2\], \[B\] to \[B, 4\].*returned \[2, 2\]"
+            r".*pass variance='fixed_large'",
         ),
         (  # fixed variances: [B, *shape]
             dict(shape=(2,), variance="fixed_large", denoiser=TimeMLP(out=4)),
@@ -156,7 +157,7 @@ def test_a_given_denoiser_ignores_the_preset_arguments() -> None:
     """``network`` / ``hidden`` / ``attention`` are ignored with a denoiser: a preset that could not build for
     the shape (a U-Net for vectors) does not stop it."""
     model = Diffusion(shape=(2,), network="unet", hidden=(7,), denoiser=TimeMLP())
-    assert isinstance(model.net, TimeMLP)
+    assert isinstance(model.denoiser, TimeMLP)
     with pytest.raises(ValueError, match="unet"):
         Diffusion(shape=(2,), network="unet")
 
@@ -218,7 +219,7 @@ def test_a_checkpoint_with_a_users_denoiser_reloads_with_it_passed_again(tmp_pat
     model.eval()
     x, t = POINTS[:6], torch.tensor([1, 5, 10, 20, 25, 30])
     with torch.no_grad():
-        torch.testing.assert_close(reloaded.net(x, t), model.net(x, t), rtol=0, atol=0)
+        torch.testing.assert_close(reloaded.denoiser(x, t), model.denoiser(x, t), rtol=0, atol=0)
         torch.testing.assert_close(
             reloaded.elbo(x, generator=g(4)), model.elbo(x, generator=g(4)), rtol=0, atol=0
         )
@@ -272,16 +273,16 @@ def test_a_recipe_fills_the_denoiser_and_optimiser_by_class_path_and_its_checkpo
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     cli = run(["fit", "-c", str(config), f"--trainer.default_root_dir={tmp_path}"])
-    assert isinstance(cli.model.net, TimeMLP) and cli.model.net.body[0].out_features == 16
+    assert isinstance(cli.model.denoiser, TimeMLP) and cli.model.denoiser.body[0].out_features == 16
     (optimizer,) = cli.trainer.optimizers
     assert type(optimizer) is torch.optim.AdamW and optimizer.param_groups[0]["weight_decay"] == 0.1
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**3)
     (path,) = tmp_path.rglob("*.ckpt")
     reloaded = Diffusion.load_from_checkpoint(path)
-    assert isinstance(reloaded.net, TimeMLP)
+    assert isinstance(reloaded.denoiser, TimeMLP)
     x, t = POINTS[:6], torch.tensor([1, 2, 5, 10, 15, 20])
     with torch.no_grad():
-        torch.testing.assert_close(reloaded.net(x, t), cli.model.net(x, t), rtol=0, atol=0)
+        torch.testing.assert_close(reloaded.denoiser(x, t), cli.model.denoiser(x, t), rtol=0, atol=0)
 
 
 # -- the presets' contract -----------------------------------------------------------------------------------
@@ -299,9 +300,10 @@ def test_the_mlp_preset_maps_the_contract_shapes(shape: tuple, learned: bool) ->
         hidden=(16, 16),
         variance="learned" if learned else "fixed_large",
     )
-    assert isinstance(model.net, MLPDenoiser)
+    assert isinstance(model.denoiser, MLPDenoiser)
     out = (2 * shape[0] if learned else shape[0], *shape[1:])
-    check_role("Diffusion", "denoiser", model.net, [dummy_batch(shape), torch.tensor([1, 50])], ("B", *out))
+    inputs = [dummy_batch(shape), torch.tensor([1, 50])]
+    check_role("Diffusion", "denoiser", model.denoiser, inputs, ("B", *out))
 
 
 @pytest.mark.parametrize("learned", [False, True], ids=["fixed", "learned"])
@@ -321,9 +323,10 @@ def test_the_unet_preset_maps_the_contract_shapes_at_every_size(
         attention=True,
         variance="learned" if learned else "fixed_large",
     )
-    assert isinstance(model.net, UNet)
+    assert isinstance(model.denoiser, UNet)
     out = ((2 if learned else 1) * channels, side, side)
-    check_role("Diffusion", "denoiser", model.net, [dummy_batch(shape), torch.tensor([1, 50])], ("B", *out))
+    inputs = [dummy_batch(shape), torch.tensor([1, 50])]
+    check_role("Diffusion", "denoiser", model.denoiser, inputs, ("B", *out))
 
 
 # -- defaults: the toy recipes' configuration ----------------------------------------------------------------
@@ -341,7 +344,7 @@ def test_defaults_are_the_recipes_learned_variances_hybrid_loss_and_ddim_100() -
     assert {name: model.hparams[name] for name in names} == {name: recipe[name] for name in names}
     assert list(model.hparams["hidden"]) == recipe["hidden"]
     assert model.loss_kind == recipe["loss"] == "hybrid"
-    assert model.net.out.out_features == 4  # the variance head
+    assert model.denoiser.out.out_features == 4  # the variance head
     assert Diffusion(shape=(2,), variance="fixed_large").loss_kind == "simple"
     assert Diffusion(shape=(2,), variance="fixed_small").loss_kind == "simple"
     short = Diffusion(shape=(2,), timesteps=30, hidden=(8,))

@@ -265,6 +265,8 @@ class Diffusion(L.LightningModule):
             learned = variance == "learned"
             twice = ", twice the channels (the prediction's, then the variance head's)" if learned else ""
             hint = f"t is int64 in 1..T={timesteps}; it returns its {parameterization} prediction{twice}. "
+            if learned:
+                hint += "Without a variance head, pass variance='fixed_large' or 'fixed_small'. "
             inputs = [dummy_batch(shape, like=denoiser), t]
             check_role("Diffusion", "denoiser", denoiser, inputs, ("B", *out_shape), hint=hint)
             self.net = denoiser
@@ -283,6 +285,16 @@ class Diffusion(L.LightningModule):
         )  # [T+1]
         self.val_elbo, self.test_elbo = MeanMetric(), MeanMetric()
         self.val_bpd, self.test_bpd = MeanMetric(), MeanMetric()
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The denoiser (the ``denoiser`` argument or the preset), registered as ``net``: the name its weights
+        carry in checkpoints, so those from before the role existed load unchanged."""
+        return self.net
+
+    def __setattr__(self, name: str, value) -> None:
+        # ``model.denoiser = module`` replaces ``net`` (nn.Module would register a second, unused module)
+        super().__setattr__("net" if name == "denoiser" else name, value)
 
     # -- schedule lookups ---------------------------------------------------------------------------------
 
