@@ -350,3 +350,15 @@ def test_defaults_are_the_recipes_learned_variances_hybrid_loss_and_ddim_100() -
     short = Diffusion(shape=(2,), timesteps=30, hidden=(8,))
     assert short.sample_steps == 30 and short.sample_timesteps(short.sample_steps) == list(range(1, 31))
     assert Diffusion(shape=(2,), timesteps=1000, hidden=(8,)).sample_timesteps(100)[:3] == [1, 11, 21]
+
+
+def test_the_denoiser_keeps_its_checkpoint_name() -> None:
+    """``model.denoiser`` is the module registered as ``net``, the name in every checkpoint written before
+    the role existed (their weights load unchanged); assigning ``model.denoiser`` replaces it, adding no
+    module."""
+    model = Diffusion(shape=(2,), timesteps=20, hidden=(8,))
+    assert model.denoiser is model.net and all(key.startswith("net.") for key in model.state_dict())
+    replacement = TimeMLP(timesteps=20)
+    model.denoiser = replacement
+    children = dict(model.named_children())
+    assert model.net is replacement and children["net"] is replacement and "denoiser" not in children
