@@ -500,9 +500,8 @@ def _check_flow(flow: nn.Module, shape: tuple[int, ...], objective: str) -> None
             f"shape {shape} flattened); it is one over {list(event)}. Build it with features={dim} "
             f"({example})."
         )
-    probe = type(name, (_LogProb,), {})(flow)  # named as the user's class: check_role's message names it
     check_role(
-        "Flow", "flow", probe, [dummy_batch((dim,), like=flow)], ("B",),
+        "Flow", "flow", _LogProb(flow), [dummy_batch((dim,), like=flow)], ("B",), name=name,
         hint=f"flow().log_prob of x [B, {dim}] must be [B] (genzoo's flows are unconditional: context=0). ",
     )  # fmt: skip
     if objective == "reverse" and not _pushable(distribution):

@@ -49,16 +49,18 @@ def check_role(
     inputs: Sequence[Tensor],
     *expected: Sequence[Dim],
     hint: str = "",
+    name: str | None = None,
 ) -> Tensor:
     """Run ``network(*inputs)`` once (no gradients, eval mode, then the mode restored) and check that its
     output has one of the ``expected`` shapes (``"B"`` = the dummy batch of 2, other names = any size).
     Returns the output, so the family can read free sizes from it (e.g. an encoder's feature width F).
 
-    Raises ``ValueError`` naming the family, the role, the input shapes, what the role must return and what
-    the network returned (or the exception it raised).
+    Raises ``ValueError`` naming the family, the role, the network (``name``, default its class name), the
+    input shapes, what the role must return and what the network returned (or the exception it raised).
     """
     if not isinstance(network, nn.Module):
         raise TypeError(f"{family}: {role} must be a torch.nn.Module; got {type(network).__name__}")
+    name = name or type(network).__name__
     given = ", ".join(describe(("B", *t.shape[1:])) for t in inputs)
     must = " or ".join(describe(e) for e in expected)
     was_training = network.training
@@ -68,7 +70,7 @@ def check_role(
             out = network(*inputs)
     except Exception as error:
         raise ValueError(
-            f"{family}: the {role} ({type(network).__name__}) failed on a dummy input {given} (B = "
+            f"{family}: the {role} ({name}) failed on a dummy input {given} (B = "
             f"{DRY_RUN_BATCH}); it must map {given} to {must}. {hint}"
             f"It raised {type(error).__name__}: {error}"
         ) from error
@@ -77,7 +79,7 @@ def check_role(
     if not isinstance(out, Tensor) or not any(_matches(out.shape, e) for e in expected):
         got = describe(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(
-            f"{family}: the {role} ({type(network).__name__}) must map {given} to {must} (B = "
+            f"{family}: the {role} ({name}) must map {given} to {must} (B = "
             f"{DRY_RUN_BATCH} here); it returned {got}. {hint}".rstrip()
         )
     return out
