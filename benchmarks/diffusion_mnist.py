@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--terms", type=int, default=50, help="stratified terms of the final bound per image")
     parser.add_argument("--curve_every", type=int, default=500)
     parser.add_argument("--curve_images", type=int, default=256)
+    parser.add_argument("--test_images", type=int, default=None, help="default: the whole test split")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
@@ -98,7 +99,7 @@ def main() -> None:
     model.eval()  # the EMA weights: WeightAveraging copies the average into the model when training ends
 
     data.setup("test")
-    x = torch.cat(list(data.test_dataloader()))
+    x = torch.cat(list(data.test_dataloader()))[: args.test_images]
     started = time.perf_counter()
     bpd = bits_per_dim(model, x, args.terms, seed=args.seed + 1)
     eval_seconds = time.perf_counter() - started

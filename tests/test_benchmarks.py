@@ -18,9 +18,9 @@ MNIST = ROOT.parent / "shared" / "data" / "mnist"
 RUNS = {
     "flows": ["flows.py", "--epochs", "1", "--transforms", "maf", "--data", "8gaussians"],
     "gan_8gaussians": ["gan_8gaussians.py", "--epochs", "1"],
-    "diffusion": ["diffusion.py", "--epochs", "1", "--n_eval", "64", "--threads", "1"],
+    "diffusion": ["diffusion.py", "--epochs", "1", "--n_eval", "64", "--n_samples", "500", "--threads", "1"],
     "diffusion_mnist": ["diffusion_mnist.py", "--steps", "2", "--terms", "1", "--curve_every", "1",
-                        "--curve_images", "8", "--threads", "1"],
+                        "--curve_images", "8", "--test_images", "32", "--threads", "1"],
 }  # fmt: skip
 KEYS = {
     "flows": {"machine", "runs"},
