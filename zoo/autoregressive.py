@@ -52,15 +52,7 @@ from torchmetrics import MeanMetric
 from zoo.gaussian import upcast
 from zoo.guards import check_data, check_finite
 from zoo.noise import mix_key, step_choice
-from zoo.plugins import (
-    LRSchedulerCallable,
-    OptimizerCallable,
-    adam,
-    build_optimizer,
-    build_scheduler,
-    live_arguments,
-    optimizer_config,
-)
+from zoo.plugins import LRSchedulerCallable, OptimizerCallable, adam, configure_single, live_arguments
 
 MaskType = Literal["A", "B"]
 _ORDERING_STREAM = 20
@@ -217,9 +209,7 @@ class _BinaryAutoregressive(L.LightningModule):
         self._evaluate(batch, "test", self.test_nll, self.test_bpd)
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self, self.parameters(), self._optimizer_callable, adam(self.lr))
-        scheduler = build_scheduler(optimizer, self._lr_scheduler_callable, "lr_scheduler")
-        return optimizer_config(optimizer, scheduler)
+        return configure_single(self, adam(self.lr))
 
     def _uniforms(self, shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
         """Uniforms for sampling, drawn up front (in float32, on the module's device) from ``generator``."""

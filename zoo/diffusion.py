@@ -70,15 +70,7 @@ from zoo.noise import (
     shard_of,
     step_key,
 )
-from zoo.plugins import (
-    LRSchedulerCallable,
-    OptimizerCallable,
-    adam,
-    build_optimizer,
-    build_scheduler,
-    live_arguments,
-    optimizer_config,
-)
+from zoo.plugins import LRSchedulerCallable, OptimizerCallable, adam, configure_single, live_arguments
 
 __all__ = [  # the denoisers live in zoo.networks.denoisers; re-exported here for code that imported them
     "AttentionBlock",
@@ -638,9 +630,7 @@ class Diffusion(L.LightningModule):
 
     def configure_optimizers(self):
         """``optimizer`` (default: Adam at ``lr``) over the denoiser; ``lr_scheduler`` steps every step."""
-        optimizer = build_optimizer(self, self.parameters(), self._optimizer_callable, adam(self.lr))
-        scheduler = build_scheduler(optimizer, self._lr_scheduler_callable, "lr_scheduler")
-        return optimizer_config(optimizer, scheduler)
+        return configure_single(self, adam(self.lr))
 
 
 def _check_arguments(

@@ -65,15 +65,7 @@ from zoo.gradients import MovingAverageBaseline, score_function_surrogate
 from zoo.guards import check_data, check_finite
 from zoo.networks import check_role, dummy_batch, mlp, numel
 from zoo.noise import global_uniform, mix_key, positional_uniform, shard_of, step_key
-from zoo.plugins import (
-    LRSchedulerCallable,
-    OptimizerCallable,
-    adam,
-    build_optimizer,
-    build_scheduler,
-    live_arguments,
-    optimizer_config,
-)
+from zoo.plugins import LRSchedulerCallable, OptimizerCallable, adam, configure_single, live_arguments
 from zoo.vae import log_mean_exp
 
 Estimator = Literal["gumbel", "straight_through", "score"]
@@ -405,10 +397,7 @@ class DiscreteVAE(L.LightningModule):
         self.log("test/iwae", self.test_iwae)
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self, self.parameters(), self._optimizer_callable, adam(self.lr))
-        return optimizer_config(
-            optimizer, build_scheduler(optimizer, self._lr_scheduler_callable, "lr_scheduler")
-        )
+        return configure_single(self, adam(self.lr))
 
 
 _DECODER_HINT = (

@@ -28,14 +28,7 @@ from zoo.guards import check_data, check_finite
 from zoo.natural_gradient import Fisher, NaturalGradient
 from zoo.networks import numel
 from zoo.noise import randn
-from zoo.plugins import (
-    LRSchedulerCallable,
-    OptimizerCallable,
-    build_optimizer,
-    build_scheduler,
-    live_arguments,
-    optimizer_config,
-)
+from zoo.plugins import LRSchedulerCallable, OptimizerCallable, configure_single, live_arguments
 
 Shorthand = Literal["natural", "adam", "sgd"]
 
@@ -136,9 +129,7 @@ class ExplicitGaussian(L.LightningModule):
         self.log("test/log_prob", self.test_log_prob)
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self, self.parameters(), self._optimizer_callable, self._shorthand())
-        scheduler = build_scheduler(optimizer, self._lr_scheduler_callable, "lr_scheduler")
-        return optimizer_config(optimizer, scheduler)
+        return configure_single(self, self._shorthand())
 
     def _shorthand(self) -> OptimizerCallable:
         """The optimiser the string ``optimizer`` names (used when no callable is given)."""

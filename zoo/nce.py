@@ -49,15 +49,7 @@ from zoo.gaussian import full_precision, upcast
 from zoo.guards import check_data, check_finite
 from zoo.networks import check_role, dummy_batch, mlp, numel
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of, step_key
-from zoo.plugins import (
-    LRSchedulerCallable,
-    OptimizerCallable,
-    adam,
-    build_optimizer,
-    build_scheduler,
-    live_arguments,
-    optimizer_config,
-)
+from zoo.plugins import LRSchedulerCallable, OptimizerCallable, adam, configure_single, live_arguments
 
 Energy = Literal["mlp", "quadratic"]
 Objective = Literal["nce", "negative_sampling"]
@@ -308,10 +300,7 @@ class NCE(L.LightningModule):
         self._log_eval("test", self.test_loss, self.test_log_prob, self.test_kl)
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self, self.parameters(), self._optimizer_callable, adam(self.lr))
-        return optimizer_config(
-            optimizer, build_scheduler(optimizer, self._lr_scheduler_callable, "lr_scheduler")
-        )
+        return configure_single(self, adam(self.lr))
 
 
 def _check_arguments(shape, energy, noise, objective, k, noise_scale, lr, sample_proposals) -> None:

@@ -49,6 +49,7 @@ __all__ = [
     "adam",
     "build_optimizer",
     "build_scheduler",
+    "configure_single",
     "live_arguments",
     "optimizer_config",
 ]
@@ -105,6 +106,17 @@ def optimizer_config(optimizer: torch.optim.Optimizer, scheduler, monitor: str =
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         config.update(interval="epoch", monitor=monitor)
     return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+def configure_single(module, default: OptimizerCallable, fallback=None, monitor: str = "train/loss"):
+    """``configure_optimizers`` of a one-optimiser family: ``module._optimizer_callable`` over its parameters
+    (``default`` when None) and ``module._lr_scheduler_callable`` (when None: ``fallback(optimizer)`` if
+    given, e.g. a family's linear decay, else no schedule), as :func:`optimizer_config` returns them."""
+    optimizer = build_optimizer(module, module.parameters(), module._optimizer_callable, default)
+    scheduler = build_scheduler(optimizer, module._lr_scheduler_callable, "lr_scheduler")
+    if scheduler is None and fallback is not None:
+        scheduler = fallback(optimizer)
+    return optimizer_config(optimizer, scheduler, monitor)
 
 
 def live_arguments(**arguments) -> list[str]:

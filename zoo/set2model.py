@@ -42,15 +42,7 @@ from torchmetrics import MeanMetric, Metric
 from zoo.gaussian import full_precision, upcast
 from zoo.guards import check_data, check_finite
 from zoo.networks import check_role, dummy_batch, mlp, numel
-from zoo.plugins import (
-    LRSchedulerCallable,
-    OptimizerCallable,
-    adam,
-    build_optimizer,
-    build_scheduler,
-    live_arguments,
-    optimizer_config,
-)
+from zoo.plugins import LRSchedulerCallable, OptimizerCallable, adam, configure_single, live_arguments
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -643,6 +635,4 @@ class Set2Model(L.LightningModule):
         self.log("test/map_mean", self.test_map_mean)
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self, self.parameters(), self._optimizer_callable, adam(self.hparams.lr))
-        scheduler = build_scheduler(optimizer, self._lr_scheduler_callable, "lr_scheduler")
-        return optimizer_config(optimizer, scheduler)
+        return configure_single(self, adam(self.hparams.lr))

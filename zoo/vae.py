@@ -45,15 +45,7 @@ from zoo.gradients import MovingAverageBaseline, score_function_surrogate
 from zoo.guards import check_data, check_finite
 from zoo.networks import check_conv_image, check_role, conv_decoder, conv_encoder, dummy_batch, mlp, numel
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of, step_key
-from zoo.plugins import (
-    LRSchedulerCallable,
-    OptimizerCallable,
-    adam,
-    build_optimizer,
-    build_scheduler,
-    live_arguments,
-    optimizer_config,
-)
+from zoo.plugins import LRSchedulerCallable, OptimizerCallable, adam, configure_single, live_arguments
 
 Architecture = Literal["mlp", "conv", "linear"]
 _TRAIN_STREAM, _ELBO_STREAM, _IWAE_STREAM = 0, 1, 2
@@ -340,10 +332,7 @@ class VAE(L.LightningModule):
         self.log("test/iwae", self.test_iwae)
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self, self.parameters(), self._optimizer_callable, adam(self.lr))
-        return optimizer_config(
-            optimizer, build_scheduler(optimizer, self._lr_scheduler_callable, "lr_scheduler")
-        )
+        return configure_single(self, adam(self.lr))
 
 
 _DECODER_HINT = "Return one output per example shaped like the data (e.g. end with nn.Unflatten(1, shape)). "
