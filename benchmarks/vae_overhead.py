@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 
 from zoo import VAE
 from zoo.networks import mlp
-from zoo.noise import global_normal, mix_key
+from zoo.noise import global_normal, mix_key, pinned_noise
 
 SHAPE, LATENT, HIDDEN, BATCH, LR, N_TRAIN, SEED = (1, 8, 8), 16, (256, 256), 64, 1e-3, 1500, 0
 MIN_SCALE = 1e-4  # zoo.gaussian.MIN_SCALE
@@ -159,7 +159,7 @@ def check_same_model(train: Tensor) -> float:
                 raise RuntimeError("the bare nets do not start from the zoo VAE's weights")
     x = train[:BATCH]
     eps = global_normal(BATCH, (1, LATENT), key=mix_key(zoo.seed, 0, 0))[:, 0]  # the zoo's step-0 noise
-    with torch.no_grad():
+    with torch.no_grad(), pinned_noise(zoo, step=0):  # outside a Trainer the zoo draws fresh noise per call
         diff = (zoo.training_loss(x) - bare_loss(bare, x, eps)).abs().item()
     if diff > 1e-4:
         raise RuntimeError(f"the bare loss differs from the zoo VAE's training loss by {diff:.3g}")
