@@ -19,6 +19,7 @@ RUNS = {
     "flows": ["flows.py", "--epochs", "1", "--transforms", "maf", "--data", "8gaussians"],
     "gan_8gaussians": ["gan_8gaussians.py", "--epochs", "1"],
     "diffusion": ["diffusion.py", "--epochs", "1", "--n_eval", "64", "--n_samples", "500", "--threads", "1"],
+    "vae_overhead": ["vae_overhead.py", "--epochs", "2", "--repeats", "1"],
     "diffusion_mnist": ["diffusion_mnist.py", "--steps", "2", "--terms", "1", "--curve_every", "1",
                         "--curve_images", "8", "--test_images", "32", "--threads", "1"],
 }  # fmt: skip
@@ -26,6 +27,7 @@ KEYS = {
     "flows": {"machine", "runs"},
     "gan_8gaussians": {"per_epoch", "first_epoch_at_8_modes_and_90pct"},
     "diffusion": {"kl_bound_nats", "samples_10k"},
+    "vae_overhead": {"median", "best", "epoch_s_per_run"},
     "diffusion_mnist": {"test_bpd", "test_bpd_se", "curve", "optimizer_steps"},
 }
 
