@@ -171,6 +171,32 @@ def test_a_users_networks_train_from_python_and_reload(package: Path, tmp_path: 
     torch.testing.assert_close(restored.sample(8, generator=g1), model.sample(8, generator=g2))
 
 
+@pytest.mark.parametrize("family", ["VAE", "GAN", "Diffusion"])
+def test_a_run_with_a_users_networks_resumes_exactly(package: Path, tmp_path: Path, family: str) -> None:
+    """2 epochs straight == 1 epoch, then resumed from its checkpoint for 1 more (the user's networks built
+    again, as a user's script does): every weight and buffer equal bit for bit."""
+    import userpkg.nets as nets
+
+    build, _, data = _families(nets)[family]
+
+    def fit(epochs: int, folder: Path, ckpt_path: Path | None = None):
+        torch.manual_seed(0)
+        model = build()
+        trainer = quick_trainer(folder, max_epochs=epochs, limit_val_batches=0)
+        trainer.fit(model, data(), ckpt_path=ckpt_path)
+        return model, trainer
+
+    straight, _ = fit(2, tmp_path / "straight")
+    one, first = fit(1, tmp_path / "first")
+    first.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed, _ = fit(2, tmp_path / "resumed", tmp_path / "epoch1.ckpt")
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[name], value) for name, value in one.state_dict().items())  # epoch 2 trained
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 # -- from YAML, reloaded in a fresh process ------------------------------------------------------------------
 
 RECIPES = {
