@@ -92,7 +92,37 @@ def digits() -> Digits:
     return Digits(batch_size=32, binarize="static")
 
 
+class UserEncoder(nn.Module):
+    """A user's own encoder and decoder (no genzoo layers) for 1x8x8 images: autocast casts them too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(512, 32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+class UserDecoder(nn.Module):
+    def __init__(self, latent: int = 16) -> None:
+        super().__init__()
+        layers = [nn.Linear(latent, 64), nn.SiLU(), nn.Linear(64, 64), nn.Unflatten(1, (1, 8, 8))]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.body(z)
+
+
+def user_gan() -> GAN:
+    generator = nn.Sequential(UserDecoder(), nn.Sigmoid())
+    discriminator = nn.Sequential(UserEncoder(), nn.SiLU(), nn.Linear(32, 1))
+    return GAN(shape=(1, 8, 8), latent_dim=16, r1_gamma=1.0, generator=generator, discriminator=discriminator)
+
+
 CASES: list[Case] = [
+    Case("vae_user_networks", lambda: VAE((1, 8, 8), encoder=UserEncoder(), decoder=UserDecoder()), digits),
+    Case("gan_user_networks_r1", lambda: user_gan(), digits, adversarial_loss),
+    Case("flow_spline", lambda: Flow(shape=(2,), transform="spline", n_layers=2, hidden=(32,)), toy),
     Case("vae_diag", lambda: VAE(shape=(1, 8, 8), hidden=(64, 64)), digits),
     Case("vae_full", lambda: VAE(shape=(1, 8, 8), hidden=(64, 64), posterior="full", latent_dim=6), digits),
     Case("iwae_full_k5", lambda: VAE(shape=(1, 8, 8), hidden=(64,), posterior="full", k=5), digits),

@@ -27,6 +27,7 @@ from test_precision import CASES, Case
 FAMILIES = [
     "vae_full", "gan_mlp_r1_r2", "fgan_kl_dv_r1", "dirac_gan_r1", "diffusion_mlp_hybrid", "made_2_orderings",
     "pixelcnn", "flow_maf", "discrete_vae_gumbel_k3", "nce_mlp", "explicit_gaussian_natural", "set2model",
+    "vae_user_networks", "gan_user_networks_r1", "flow_spline",
 ]  # fmt: skip
 LAUNCHED = ["vae_full", "gan_mlp_r1_r2", "explicit_gaussian_natural", "set2model", "flow_maf"]
 
