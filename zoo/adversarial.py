@@ -65,7 +65,15 @@ from zoo.networks import (
     numel,
 )
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of, step_key
-from zoo.plugins import LRSchedulerCallable, OptimizerCallable, adam, build_optimizer, build_scheduler
+from zoo.plugins import (
+    LRSchedulerCallable,
+    OptimizerCallable,
+    adam,
+    build_optimizer,
+    build_scheduler,
+    linear_decay,
+    live_arguments,
+)
 from zoo.strategies import check_strategy
 
 Network = Literal["auto", "mlp", "conv"]
@@ -235,6 +243,13 @@ class Adversarial(L.LightningModule):
         _check_arguments(shape, latent_dim, hidden, r1_gamma, r2_gamma, n_critic, lr_g, lr_d, betas,
                          clip_norm, lr_final_factor)  # fmt: skip
         family = type(self).__name__
+        # the names the subclass leaves out of save_hyperparameters (its own argument names; zoo.plugins)
+        self._live_arguments = live_arguments(**{
+            "generator": generator, opponent_name: opponent_network,
+            "generator_optimizer": generator_optimizer, f"{opponent_name}_optimizer": opponent_optimizer,
+            "generator_lr_scheduler": generator_lr_scheduler,
+            f"{opponent_name}_lr_scheduler": opponent_lr_scheduler,
+        })  # fmt: skip
         presets = generator is None or opponent_network is None
         kind = network_kind(network, shape) if presets else network  # ignored when both networks are given
         self.automatic_optimization = False
@@ -407,18 +422,10 @@ class Adversarial(L.LightningModule):
     ):
         """One player's schedule: the user's, else the ``lr_final_factor`` shorthand, else None."""
         if lr_scheduler is not None:
-            scheduler = build_scheduler(optimizer, lr_scheduler, role)
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                raise ValueError(
-                    f"{type(self).__name__}: {role} cannot be ReduceLROnPlateau: the two players have no "
-                    "common loss to monitor; use a schedule in steps (StepLR, LinearLR, CosineAnnealingLR)"
-                )
-            return scheduler
+            return build_scheduler(optimizer, lr_scheduler, role, stepped_by=type(self).__name__)
         if self.lr_final_factor == 1.0:
             return None
-        total = self.trainer.estimated_stepping_batches
-        total = int(total) if math.isfinite(total) and total > 0 else 1
-        return torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, self.lr_final_factor, total_iters=total)
+        return linear_decay(self.trainer, optimizer, self.lr_final_factor)
 
     def _schedulers(self) -> list:
         schedulers = self.lr_schedulers() if self._trainer is not None else None

@@ -289,15 +289,8 @@ class DiracGAN(L.LightningModule):
         euler = functools.partial(torch.optim.SGD, lr=self.lr)
         params = [self.psi0, self.psi1, self.theta]
         optimizer = build_optimizer(self, params, self._optimizer_callable, euler)
-        scheduler = build_scheduler(optimizer, self._lr_scheduler_callable, "lr_scheduler")
-        if scheduler is None:
-            return optimizer
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            raise ValueError(
-                "DiracGAN: lr_scheduler cannot be ReduceLROnPlateau (it is stepped after every step, with no "
-                "loss to monitor); use a schedule in steps (StepLR, LinearLR, ExponentialLR)"
-            )
-        return [optimizer], [scheduler]
+        scheduler = build_scheduler(optimizer, self._lr_scheduler_callable, "lr_scheduler", "DiracGAN")
+        return optimizer if scheduler is None else ([optimizer], [scheduler])
 
     def on_train_epoch_end(self) -> None:
         epoch = self.current_epoch + 1

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from zoo.adversarial import Adversarial, Network
-from zoo.plugins import LRSchedulerCallable, OptimizerCallable, live_arguments
+from zoo.plugins import LRSchedulerCallable, OptimizerCallable
 
 Divergence = Literal["js", "kl_nwj", "kl_dv"]
 DIVERGENCES: tuple[str, ...] = get_args(Divergence)
@@ -179,13 +179,7 @@ class FGAN(Adversarial):
             generator_optimizer=generator_optimizer, opponent_optimizer=critic_optimizer,
             generator_lr_scheduler=generator_lr_scheduler, opponent_lr_scheduler=critic_lr_scheduler,
         )  # fmt: skip
-        self.save_hyperparameters(
-            ignore=live_arguments(
-                generator=generator, critic=critic,
-                generator_optimizer=generator_optimizer, critic_optimizer=critic_optimizer,
-                generator_lr_scheduler=generator_lr_scheduler, critic_lr_scheduler=critic_lr_scheduler,
-            )
-        )  # fmt: skip
+        self.save_hyperparameters(ignore=self._live_arguments)
         self.divergence = divergence
         self.val_bound, self.test_bound = BoundMetric(divergence), BoundMetric(divergence)
 

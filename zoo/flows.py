@@ -61,7 +61,14 @@ from zuko.lazy import LazyDistribution
 from zoo.guards import check_data, check_finite
 from zoo.networks import check_role, dummy_batch, numel
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of, step_key
-from zoo.plugins import LRSchedulerCallable, OptimizerCallable, adam, configure_single, live_arguments
+from zoo.plugins import (
+    LRSchedulerCallable,
+    OptimizerCallable,
+    adam,
+    configure_single,
+    linear_decay,
+    live_arguments,
+)
 
 TransformKind = Literal["coupling", "maf", "spline", "planar", "radial"]
 Objective = Literal["forward", "reverse"]
@@ -410,14 +417,10 @@ class Flow(L.LightningModule):
         """``optimizer`` (default Adam at ``lr``) and ``lr_scheduler``; with no ``lr_scheduler`` and
         ``lr_final_factor != 1`` a ``LinearLR`` to ``lr * lr_final_factor`` over
         ``trainer.estimated_stepping_batches`` steps. Schedules step every batch."""
-        decay = self._linear_decay if self.lr_final_factor != 1.0 else None
+        decay = None
+        if self.lr_final_factor != 1.0:
+            decay = functools.partial(linear_decay, self.trainer, final_factor=self.lr_final_factor)
         return configure_single(self, adam(self.lr), decay)
-
-    def _linear_decay(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LinearLR:
-        """lr to ``lr * lr_final_factor`` linearly over the run's ``estimated_stepping_batches``."""
-        total = self.trainer.estimated_stepping_batches
-        total = int(total) if math.isfinite(total) and total > 0 else 1
-        return torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, self.lr_final_factor, total_iters=total)
 
 
 # -- the flow role: any zuko lazy distribution --------------------------------------------------------------

@@ -37,7 +37,7 @@ from zoo.adversarial import (
     discriminator_loss,
     generator_loss,
 )
-from zoo.plugins import LRSchedulerCallable, OptimizerCallable, live_arguments
+from zoo.plugins import LRSchedulerCallable, OptimizerCallable
 
 
 class GAN(Adversarial):
@@ -124,14 +124,7 @@ class GAN(Adversarial):
             generator_optimizer=generator_optimizer, opponent_optimizer=discriminator_optimizer,
             generator_lr_scheduler=generator_lr_scheduler, opponent_lr_scheduler=discriminator_lr_scheduler,
         )  # fmt: skip
-        self.save_hyperparameters(
-            ignore=live_arguments(
-                generator=generator, discriminator=discriminator,
-                generator_optimizer=generator_optimizer, discriminator_optimizer=discriminator_optimizer,
-                generator_lr_scheduler=generator_lr_scheduler,
-                discriminator_lr_scheduler=discriminator_lr_scheduler,
-            )
-        )  # fmt: skip
+        self.save_hyperparameters(ignore=self._live_arguments)
         self.loss = loss
         self.val_d_loss, self.test_d_loss = MeanMetric(), MeanMetric()
 

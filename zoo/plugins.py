@@ -38,6 +38,7 @@ user's classes are importable (:func:`live_arguments`).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -50,6 +51,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "configure_single",
+    "linear_decay",
     "live_arguments",
     "optimizer_config",
 ]
@@ -83,8 +85,15 @@ def build_optimizer(
     return built
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, lr_scheduler: LRSchedulerCallable | None, role: str):
-    """``lr_scheduler(optimizer)`` or None, checked to have ``step``."""
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: LRSchedulerCallable | None,
+    role: str,
+    stepped_by: str | None = None,
+):
+    """``lr_scheduler(optimizer)`` or None, checked to have ``step``. ``stepped_by`` names a family that
+    steps its schedules itself every batch (manual optimisation), where ``ReduceLROnPlateau``, which needs a
+    monitored loss, is refused."""
     if lr_scheduler is None:
         return None
     scheduler = lr_scheduler(optimizer)
@@ -94,7 +103,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, lr_scheduler: LRSchedulerC
             f"torch.optim.lr_scheduler.CosineAnnealingLR, T_max=1000)); it returned "
             f"{type(scheduler).__name__}"
         )
+    if stepped_by is not None and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ValueError(
+            f"{stepped_by}: {role} cannot be ReduceLROnPlateau: the family steps its schedules itself, every "
+            "batch, with no loss to monitor; use a schedule in steps (StepLR, LinearLR, CosineAnnealingLR)"
+        )
     return scheduler
+
+
+def linear_decay(trainer, optimizer: torch.optim.Optimizer, final_factor: float):
+    """The ``lr_final_factor`` shorthand: a ``LinearLR`` from lr to ``lr * final_factor`` over the run's
+    ``trainer.estimated_stepping_batches`` (1 when that is unbounded or unknown)."""
+    total = trainer.estimated_stepping_batches
+    total = int(total) if math.isfinite(total) and total > 0 else 1
+    return torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, final_factor, total_iters=total)
 
 
 def optimizer_config(optimizer: torch.optim.Optimizer, scheduler, monitor: str = "train/loss"):
