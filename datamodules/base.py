@@ -13,6 +13,10 @@ Conventions every datamodule follows:
 * Everything random is a function of ``seed`` (and the epoch), never of the global RNG, so a run resumed
   from an end-of-epoch checkpoint sees exactly the data of an uninterrupted one (RELIABILITY.md #10).
   Mid-epoch resume is not supported: the loaders are not stateful (RELIABILITY.md #11).
+* Pixels: float32 in [0, 1]; ``levels`` says how many values a pixel takes, ``x = k / (levels - 1)`` for
+  ``k = 0 .. levels - 1`` (256 for 8-bit data, 2 for binary data), ``None`` for continuous data.
+* Batches are tensors ``[B, *shape]``; labels, where the data have them, stay on the split's dataset
+  (``dataset.labels``, in the split's order) and are read with ``datamodule.labels(split)``.
 """
 
 from __future__ import annotations
@@ -60,15 +64,41 @@ def return_batch(batch: Tensor) -> Tensor:
     return batch
 
 
+def level_count(name: str, levels: int | None) -> int | None:
+    """``levels`` checked: ``None`` (continuous data) or an integer >= 2 (``ValueError`` naming ``name``)."""
+    if levels is not None:
+        check_int(name, levels, 2)
+    return levels
+
+
+def split_sizes(n: int, val_size: float, test_size: float) -> tuple[int, int, int]:
+    """``(train, val, test)`` sizes of ``n`` examples; ``val_size`` / ``test_size`` are counts (ints) or
+    shares of ``n`` (floats in [0, 1), rounded to the nearest count). Raises ``ValueError`` naming the bad
+    value, or when nothing is left to train on."""
+    counts = []
+    for name, size in (("val_size", val_size), ("test_size", test_size)):
+        if isinstance(size, float):
+            if not 0.0 <= size < 1.0:
+                raise ValueError(f"{name}={size!r}: a share of the examples must lie in [0, 1)")
+            size = round(size * n)
+        check_int(name, size, 0)
+        counts.append(size)
+    val, test = counts
+    if val + test >= n:
+        raise ValueError(f"val_size + test_size = {val} + {test} leaves no training example of {n}")
+    return n - val - test, val, test
+
+
 class InMemoryDataset(Dataset):
     """Examples ``data[i]`` of one tensor ``[N, *shape]``; a batch is ONE indexing op.
 
     PyTorch's fetcher calls ``dataset.__getitems__(indices)`` for a whole batch when it exists and passes
     the result to ``collate_fn`` (here :func:`return_batch`), instead of ``B`` ``__getitem__`` calls.
+    ``labels`` (``[N]`` long, optional) stay here, out of the batches (see :meth:`TensorDataModule.labels`).
     """
 
-    def __init__(self, data: Tensor) -> None:
-        self.data = data
+    def __init__(self, data: Tensor, labels: Tensor | None = None) -> None:
+        self.data, self.labels = data, labels
 
     def __len__(self) -> int:
         return self.data.shape[0]
@@ -89,8 +119,8 @@ class DynamicBinarized(InMemoryDataset):
 
     STREAM = 1  # the static draw uses stream 0
 
-    def __init__(self, grey: Tensor, seed: int) -> None:
-        self.grey, self.seed, self.epoch = grey, seed, None
+    def __init__(self, grey: Tensor, seed: int, labels: Tensor | None = None) -> None:
+        self.grey, self.seed, self.epoch, self.labels = grey, seed, None, labels
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -114,9 +144,14 @@ def split_indices(n: int, sizes: Sequence[int], seed: int) -> list[Tensor]:
 
 
 def make_splits(
-    data: Tensor, sizes: Sequence[int], seed: int, binarize: Binarize | None = None
+    data: Tensor,
+    sizes: Sequence[int],
+    seed: int,
+    binarize: Binarize | None = None,
+    labels: Tensor | None = None,
 ) -> list[InMemoryDataset]:
-    """Split ``data`` by :func:`split_indices`; optionally binarise grey levels in [0, 1].
+    """Split ``data`` (and ``labels`` alike, if given) by :func:`split_indices`; optionally binarise grey
+    levels in [0, 1].
 
     ``binarize``: ``None`` keeps ``data``; ``"static"`` binarises all of it once (:func:`binarize_static`);
     ``"dynamic"`` makes the FIRST split (training) a :class:`DynamicBinarized` and binarises the others
@@ -125,10 +160,67 @@ def make_splits(
     check_choice("binarize", binarize, (None, *BINARIZE_MODES))
     index = split_indices(len(data), sizes, seed)
     fixed = data if binarize is None else binarize_static(data, seed)
-    sets = [InMemoryDataset(fixed[i]) for i in index]
+    part = (lambda i: None) if labels is None else (lambda i: labels[i])
+    sets = [InMemoryDataset(fixed[i], part(i)) for i in index]
     if binarize == "dynamic":
-        sets[0] = DynamicBinarized(data[index[0]], seed)
+        sets[0] = DynamicBinarized(data[index[0]], seed, part(index[0]))
     return sets
+
+
+def unit_interval(batch: Tensor, levels: int | None) -> Tensor:
+    """A batch as float32 in genzoo's pixel convention: integers ``k`` become ``k / (levels - 1)`` (uint8
+    with ``levels=256``: ``k / 255``); floating-point values are only cast. Raises ``ValueError`` when an
+    integer exceeds ``levels - 1`` (the data are not what ``levels`` says)."""
+    if batch.dtype.is_floating_point:
+        return batch.float()
+    if levels is None:
+        raise ValueError(f"integer data ({batch.dtype}) need levels, the number of values a pixel takes")
+    top = int(batch.max()) if batch.numel() else 0
+    if top > levels - 1 or (batch.numel() and int(batch.min()) < 0):
+        raise ValueError(
+            f"integer data with levels={levels} must lie in 0..{levels - 1}; found values in "
+            f"{int(batch.min())}..{top}: give the number of values the data take as levels"
+        )
+    return batch.float().div_(levels - 1)
+
+
+class ArrayRows(Dataset):
+    """Rows ``index`` of an array ``[N, ...]`` kept as stored (e.g. uint8 CIFAR-10 in memory, a memory-
+    mapped ``.npy``), converted to float32 one batch at a time by :func:`unit_interval`, so integer images
+    take a quarter of the memory of float32 ones; a batch is ONE indexing op (``__getitems__``).
+
+    ``channels_last``: the array holds ``[N, H, W, C]`` images, returned as ``[B, C, H, W]``.
+    ``labels[index]`` (``[len(index)]`` long) stay on the dataset, in its order.
+    """
+
+    def __init__(
+        self,
+        array: np.ndarray,
+        index: Tensor,
+        labels: Tensor | None = None,
+        levels: int | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        self._array, self.index, self.levels, self.channels_last = array, index, levels, channels_last
+        self.labels = None if labels is None else labels[index]
+
+    @property
+    def array(self) -> np.ndarray:
+        """The whole array (subclasses may open it lazily)."""
+        return self._array
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> Tensor:
+        rows = self.index[torch.as_tensor(indices, dtype=torch.long)].numpy()
+        batch = torch.from_numpy(np.ascontiguousarray(self.array[rows]))
+        if self.channels_last:
+            batch = batch.permute(0, batch.ndim - 1, *range(1, batch.ndim - 1))
+        return unit_interval(batch, self.levels).contiguous()
 
 
 class ShardSampler(DistributedSampler):
@@ -162,10 +254,16 @@ class ShardSampler(DistributedSampler):
 class TensorDataModule(L.LightningDataModule):
     """Base for datamodules whose splits are :class:`InMemoryDataset` s built once by :meth:`build`.
 
-    Subclasses set ``self.shape`` in ``__init__`` and implement ``build() -> (train, val, test)``.
+    Subclasses set ``self.shape`` (and ``self.levels`` for discrete data) in ``__init__`` and implement
+    ``build() -> (train, val, test)``.
+
+    ``levels``: the number of values a pixel takes, ``x = k / (levels - 1)`` (256: 8-bit images, ``k / 255``;
+    2: binarised; 17: scikit-learn's Digits, ``k / 16``); ``None`` for continuous data. Likelihood families
+    read it to report bits per dimension and to dequantise.
     """
 
     shape: tuple[int, ...]
+    levels: int | None = None
 
     def __init__(self, batch_size: int, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
@@ -181,6 +279,14 @@ class TensorDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             self.splits = dict(zip(("train", "val", "test"), self.build(), strict=True))
+
+    def labels(self, split: Literal["train", "val", "test"]) -> Tensor | None:
+        """The class labels ``[N]`` (long) of ``split`` in the split's order (the order of its dataset, which
+        the evaluation loaders keep), or ``None`` when the data have none. Batches stay image tensors, so
+        unconditional families are unaffected; this is the hook for conditional models."""
+        check_choice("split", split, ("train", "val", "test"))
+        self.setup()
+        return getattr(self.splits[split], "labels", None)
 
     def world(self) -> tuple[int, int]:
         """``(world_size, rank)`` from the attached trainer, else torch.distributed, else ``(1, 0)``."""

@@ -141,6 +141,7 @@ class Episodes(TensorDataModule):
         self.train_classes, self.test_classes = train_classes, test_classes
         self.lengths = {"train": train_episodes, "val": val_episodes, "test": test_episodes}
         self.shape = (1, 8, 8) if base == "Digits" else (1, 28, 28)
+        self.levels = 17 if base == "Digits" else 256  # the base's pixels: k / 16 or k / 255
 
     def load(self) -> tuple[Tensor, Tensor]:
         """All images ``[M, 1, H, W]`` in [0, 1] and their labels ``[M]``."""

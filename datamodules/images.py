@@ -30,9 +30,10 @@ from datamodules.base import (
 class Digits(TensorDataModule):
     """The 1,797 8x8 hand-written digits shipped with scikit-learn (``load_digits``), shape ``(1, 8, 8)``.
 
-    Pixels ``/16`` to [0, 1]. ``binarize``: ``None`` keeps the 17 grey levels; ``"static"`` draws
-    ``x ~ Bernoulli(grey)`` once; ``"dynamic"`` redraws the training set every epoch from
-    ``(seed, epoch)`` and binarises val/test once, with the static draw (see :func:`make_splits`).
+    Pixels ``/16`` to [0, 1]. ``binarize``: ``None`` keeps the 17 grey levels (``levels = 17``);
+    ``"static"`` draws ``x ~ Bernoulli(grey)`` once; ``"dynamic"`` redraws the training set every epoch
+    from ``(seed, epoch)`` and binarises val/test once, with the static draw (see :func:`make_splits`);
+    binarised, ``levels = 2``. The digit classes 0-9 are kept as ``labels(split)``.
     Default split: 1,500 train / 150 val / 147 test (the 297 held-out images of the earlier 1,500 / 297
     split, cut in two: the training set is unchanged, val is the first 150 of the old val set).
     """
@@ -56,15 +57,19 @@ class Digits(TensorDataModule):
             )
         self.binarize, self.val_size, self.test_size = binarize, val_size, test_size
         self.shape = (1, 8, 8)
+        self.levels = 17 if binarize is None else 2
 
     def build(self) -> list[InMemoryDataset]:
-        images = torch.from_numpy(sklearn.datasets.load_digits().images).float().div(16.0).unsqueeze(1)
+        digits = sklearn.datasets.load_digits()
+        images = torch.from_numpy(digits.images).float().div(16.0).unsqueeze(1)
         sizes = (len(images) - self.val_size - self.test_size, self.val_size, self.test_size)
-        return make_splits(images, sizes, self.seed, self.binarize)
+        labels = torch.from_numpy(digits.target).long()
+        return make_splits(images, sizes, self.seed, self.binarize, labels)
 
 
 MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 IMAGE_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+LABEL_FILES = {"train": "train-labels-idx1-ubyte", "test": "t10k-labels-idx1-ubyte"}
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -101,9 +106,10 @@ class MNIST(TensorDataModule):
     ``source="test"`` (the offline copy holds only the 10,000 t10k images) the file is split 8,000 train /
     1,000 val / 1,000 test by default (``val_size`` default 1,000, ``test_size`` default 1,000: the 2,000
     held-out images of the earlier 8,000 / 2,000 split cut in two, training set unchanged). Pixels ``/255``
-    to [0, 1]; ``binarize`` as in
-    :class:`Digits`. ``download=True`` fetches missing files from ``mirror`` in ``prepare_data`` (for
-    Fashion-MNIST: ``http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/``).
+    to [0, 1] (``levels = 256``; 2 when binarised); ``binarize`` as in :class:`Digits`. The labels files
+    (``train-labels-idx1-ubyte[.gz]``, ``t10k-labels-idx1-ubyte[.gz]``) are optional: where present,
+    ``labels(split)`` returns them, else ``None``. ``download=True`` fetches missing files from ``mirror``
+    in ``prepare_data`` (for Fashion-MNIST: ``http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/``).
     """
 
     def __init__(
@@ -136,6 +142,7 @@ class MNIST(TensorDataModule):
         self.test_size = test_size
         self.download, self.mirror = download, mirror
         self.shape = (1, 28, 28)
+        self.levels = 256 if binarize is None else 2
 
     def needed(self) -> list[str]:
         """Which IDX files (without ``.gz``) this configuration reads."""
@@ -182,6 +189,16 @@ class MNIST(TensorDataModule):
             raise ValueError(f"{path} holds images of shape {images.shape[1:]}, expected (28, 28)")
         return torch.from_numpy(images.copy()).float().div(255.0).unsqueeze(1)
 
+    def load_labels(self, source: str, n: int) -> torch.Tensor | None:
+        """The labels ``[n]`` of ``source``'s images, or ``None`` when its labels file is absent."""
+        path = self.find(LABEL_FILES[source])
+        if path is None:
+            return None
+        labels = read_idx(path)
+        if labels.shape != (n,):
+            raise ValueError(f"{path} holds labels of shape {labels.shape}, expected ({n},) for its images")
+        return torch.from_numpy(labels.astype(np.int64))
+
     def build(self) -> list[InMemoryDataset]:
         if self.trainer is None:
             self.prepare_data()  # standalone use; under a Trainer, Lightning calls it once per node
@@ -190,10 +207,11 @@ class MNIST(TensorDataModule):
         if held_out >= len(images):
             raise ValueError(f"val_size + test_size = {held_out} leaves no training image of {len(images)}")
         sizes = (len(images) - held_out, self.val_size, self.test_size)
-        train, val, test = make_splits(images, sizes, self.seed, self.binarize)
+        labels = self.load_labels(self.source, len(images))
+        train, val, test = make_splits(images, sizes, self.seed, self.binarize, labels)
         if self.source == "train":
             t10k = self.load(IMAGE_FILES["test"])
             if self.binarize is not None:
                 t10k = binarize_static(t10k, derive_seed(self.seed, 2))
-            test = InMemoryDataset(t10k)
+            test = InMemoryDataset(t10k, self.load_labels("test", len(t10k)))
         return [train, val, test]

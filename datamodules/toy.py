@@ -64,6 +64,7 @@ class Toy2D(TensorDataModule):
         check_int("n_test", n_test, 0)
         self.name, self.sizes = name, (n_train, n_val, n_test)
         self.shape = (2,)
+        self.levels = None  # continuous data
 
     @property
     def has_log_prob(self) -> bool:
@@ -152,6 +153,7 @@ class Dirac(TensorDataModule):
         check_int("n_test", n_test, 0)
         self.loc, self.sizes = float(loc), (n_train, n_val, n_test)
         self.shape = (1,)
+        self.levels = None  # a point mass on the real line, not a grid of levels
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` copies of ``[loc]`` (``generator`` is accepted for the common signature)."""
