@@ -7,6 +7,7 @@ from callbacks.eigen import EigenvalueTracker
 from callbacks.elbo_gap import ELBOGapMonitor
 from callbacks.preemption import PreemptionCheckpoint
 from callbacks.quality import ModeCoverage
+from callbacks.sample_quality import SampleQuality
 from callbacks.samples import SampleGrid
 from callbacks.summary import RunSummary
 
@@ -20,4 +21,5 @@ __all__ = [
     "PreemptionCheckpoint",
     "RunSummary",
     "SampleGrid",
+    "SampleQuality",
 ]
