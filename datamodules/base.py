@@ -167,21 +167,22 @@ def make_splits(
     return sets
 
 
-def unit_interval(batch: Tensor, levels: int | None) -> Tensor:
+def unit_interval(batch: np.ndarray, levels: int | None) -> Tensor:
     """A batch as float32 in genzoo's pixel convention: integers ``k`` become ``k / (levels - 1)`` (uint8
-    with ``levels=256``: ``k / 255``); floating-point values are only cast. Raises ``ValueError`` when an
-    integer exceeds ``levels - 1`` (the data are not what ``levels`` says)."""
-    if batch.dtype.is_floating_point:
-        return batch.float()
+    with ``levels=256``: ``k / 255``, correctly rounded, as ``torch`` divides); booleans 0 / 1; floating-
+    point values are only cast. Raises ``ValueError`` when an integer lies outside ``0 .. levels - 1`` (the
+    data are not what ``levels`` says)."""
+    if np.issubdtype(batch.dtype, np.floating):
+        return torch.from_numpy(batch.astype(np.float32, copy=False))
     if levels is None:
         raise ValueError(f"integer data ({batch.dtype}) need levels, the number of values a pixel takes")
-    top = int(batch.max()) if batch.numel() else 0
-    if top > levels - 1 or (batch.numel() and int(batch.min()) < 0):
+    low, high = (int(batch.min()), int(batch.max())) if batch.size else (0, 0)
+    if low < 0 or high > levels - 1:
         raise ValueError(
-            f"integer data with levels={levels} must lie in 0..{levels - 1}; found values in "
-            f"{int(batch.min())}..{top}: give the number of values the data take as levels"
+            f"integer data with levels={levels} must lie in 0..{levels - 1}; found values in {low}..{high}: "
+            "give the number of values the data take as levels"
         )
-    return batch.float().div_(levels - 1)
+    return torch.from_numpy(batch.astype(np.float32)).div_(levels - 1)
 
 
 class ArrayRows(Dataset):
@@ -217,10 +218,10 @@ class ArrayRows(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> Tensor:
         rows = self.index[torch.as_tensor(indices, dtype=torch.long)].numpy()
-        batch = torch.from_numpy(np.ascontiguousarray(self.array[rows]))
-        if self.channels_last:
-            batch = batch.permute(0, batch.ndim - 1, *range(1, batch.ndim - 1))
-        return unit_interval(batch, self.levels).contiguous()
+        batch = np.asarray(self.array[rows])
+        if self.channels_last:  # [B, H, W, C] -> [B, C, H, W]
+            batch = batch.transpose(0, batch.ndim - 1, *range(1, batch.ndim - 1))
+        return unit_interval(np.ascontiguousarray(batch), self.levels)
 
 
 class ShardSampler(DistributedSampler):
