@@ -18,6 +18,7 @@ from datamodules import (
     MNIST,
     Digits,
     Dirac,
+    Episodes,
     InMemoryDataset,
     ShardSampler,
     TensorDataModule,
@@ -388,3 +389,76 @@ def test_mnist_test_size_with_the_train_file_is_refused():
 def test_every_datamodule_has_a_test_loader_by_default(make):
     dm = make()
     assert sum(len(b) for b in dm.test_dataloader()) == len(dm.splits["test"]) > 0
+
+
+# ---------------------------------------------------------------- pixel levels and labels
+
+
+@pytest.mark.parametrize(
+    ("make", "levels"),
+    [
+        (lambda: Toy2D(), None),
+        (lambda: Dirac(), None),
+        (lambda: Digits(), 17),
+        (lambda: Digits(binarize="static"), 2),
+        (lambda: Digits(binarize="dynamic"), 2),
+        (lambda: Episodes(base="Digits", train_episodes=4, val_episodes=4, test_episodes=4), 17),
+    ],
+    ids=["Toy2D", "Dirac", "Digits", "Digits-static", "Digits-dynamic", "Episodes-Digits"],
+)
+def test_levels_say_which_grid_the_values_lie_on(make, levels):
+    """``x = k / (levels - 1)`` with every ``k`` in ``0 .. levels - 1`` taken somewhere; None: continuous."""
+    dm = make()
+    assert dm.levels == levels
+    dm.setup()
+    data = dm.splits["train"]
+    x = data.images if isinstance(dm, Episodes) else data.data
+    if levels is None:
+        assert len(x.unique()) > 17 or isinstance(dm, Dirac)  # Dirac: one real value, no grid
+        return
+    k = x.double() * (levels - 1)
+    assert torch.equal(k, k.round()) and set(k.unique().long().tolist()) == set(range(levels))
+
+
+@needs_mnist
+@pytest.mark.parametrize("binarize", [None, "static"])
+def test_mnist_levels_and_labels(binarize):
+    dm = MNIST(str(MNIST_T10K.parent), source="test", binarize=binarize)
+    assert dm.levels == (256 if binarize is None else 2)
+    k = dm.labels("val")
+    labels = read_idx(MNIST_T10K.parent / "t10k-labels-idx1-ubyte.gz")
+    index = splits_by_index_list(10000, (8000, 1000, 1000), dm.seed)
+    assert torch.equal(k, torch.from_numpy(labels[index[1]].astype(np.int64)))
+    if binarize is None:  # the labels follow their images
+        raw = torch.from_numpy(read_idx(MNIST_T10K)[index[1]].copy()).float().div(255).unsqueeze(1)
+        assert torch.equal(dm.splits["val"].data, raw)
+
+
+def splits_by_index_list(n: int, sizes, seed: int) -> list[np.ndarray]:
+    from datamodules.base import split_indices
+
+    return [i.numpy() for i in split_indices(n, sizes, seed)]
+
+
+def test_mnist_without_labels_files_has_labels_none(tmp_path):
+    header = bytes.fromhex("00000803") + (12).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(header + bytes(12 * 784))
+    dm = MNIST(str(tmp_path), source="test", val_size=2, test_size=2)
+    assert dm.labels("train") is None and len(dm.splits["train"]) == 8
+
+
+@pytest.mark.parametrize("binarize", [None, "dynamic"])
+def test_digits_labels_follow_their_images_in_every_split(binarize):
+    import sklearn.datasets
+
+    digits = sklearn.datasets.load_digits()
+    dm = Digits(binarize=binarize, seed=3)
+    for split, index in zip(
+        ("train", "val", "test"), splits_by_index_list(1797, (1500, 150, 147), 3), strict=True
+    ):
+        assert torch.equal(dm.labels(split), torch.from_numpy(digits.target[index]).long())
+        if binarize is None:
+            assert torch.equal(
+                dm.splits[split].data[:, 0], torch.from_numpy(digits.images[index]).float() / 16
+            )
+    assert dm.labels("test").dtype == torch.long and Toy2D().labels("val") is None
