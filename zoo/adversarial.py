@@ -74,6 +74,7 @@ from zoo.plugins import (
     linear_decay,
     live_arguments,
 )
+from zoo.sharding import is_sharded
 from zoo.strategies import check_strategy
 
 Network = Literal["auto", "mlp", "conv"]
@@ -289,6 +290,16 @@ class Adversarial(L.LightningModule):
     def generator_parameters(self) -> list[Tensor]:
         return list(self.generator.parameters())
 
+    def sharded_units(self) -> list[nn.Module]:
+        """The FSDP2 units (:mod:`zoo.sharding`): each player separately, so a player's step gathers only the
+        players it runs through."""
+        return [self.generator, self._modules[self._opponent_name]]
+
+    def double_backward_units(self) -> list[nn.Module]:
+        """The opponent when R1 / R2 is on: the penalty's ``autograd.grad(..., create_graph=True)`` and the
+        loss's backward both run through it, so under FSDP2 it keeps its gathered weights until its step."""
+        return [self._modules[self._opponent_name]] if self.r1_gamma > 0 or self.r2_gamma > 0 else []
+
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` samples ``[n, *shape]`` = G(z), z ~ N(0, I) from ``generator`` (the global RNG if None)."""
@@ -369,7 +380,9 @@ class Adversarial(L.LightningModule):
 
     def _step(self, optimizer, loss: Tensor, other_player: list[Tensor]) -> None:
         optimizer.zero_grad()
-        self.manual_backward(loss + zero_touch(other_player) if other_player else loss)
+        # plain DDP needs the other player in the graph; FSDP2 reduces only the units the backward reached
+        touch = other_player and not is_sharded(self)
+        self.manual_backward(loss + zero_touch(other_player) if touch else loss)
         if self.clip_norm > 0:
             self.clip_gradients(optimizer, gradient_clip_val=self.clip_norm, gradient_clip_algorithm="norm")
         optimizer.step()

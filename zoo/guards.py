@@ -123,6 +123,8 @@ class FiniteGuard(Callback):
         device = (grads[0] if grads else pending[0][1]).device
         zero = torch.zeros((), device=device)
         loss_sum = torch.stack([p[1].float().sum().to(device) for p in pending]).sum() if pending else zero
+        # under FSDP2 (zoo.sharding) a gradient is a DTensor: each process checks its own shard
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
         grad_sum = torch.stack([g.detach().sum().float() for g in grads]).sum() if grads else zero
         flags = ~torch.isfinite(torch.stack([loss_sum, grad_sum]))
         scaler = getattr(trainer.precision_plugin, "scaler", None)

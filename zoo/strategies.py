@@ -9,13 +9,17 @@ R1 / R2 penalties' double backward (``autograd.grad(create_graph=True)`` inside 
 pass. DDP has no such limit: Lightning disables DDP's reducer hook around ``manual_backward``.
 
 So every manual-optimisation family (GAN, FGAN, DiracGAN, ...) refuses FSDP at ``setup``, before anything is
-sharded, and names the strategy that works. Families with automatic optimisation (VAE, ...) train under
-FSDP. See docs/cli.md, "Strategies".
+sharded, and names the strategies that work: ``fsdp2`` (:mod:`zoo.sharding`, PyTorch's FSDP2 through
+Lightning's ``ModelParallelStrategy``, which calls ``training_step`` directly, so ``manual_backward`` and
+the penalties' double backward run as under DDP) and ``ddp``. Families with automatic optimisation (VAE,
+...) train under FSDP. See docs/cli.md, "Sharded training".
 """
 
 from __future__ import annotations
 
 from lightning.pytorch import LightningModule
+
+from zoo.sharding import FSDP2  # importing it registers the "fsdp2" strategy
 
 
 class UnsupportedStrategyError(ValueError):
@@ -39,6 +43,7 @@ def check_strategy(module: LightningModule, strategy: object) -> None:
     raise UnsupportedStrategyError(
         f"{name} trains by manual optimisation (manual_backward inside training_step{double}), which "
         "Lightning's FSDP strategy does not support: the first step would fail with FSDP's 'Expects "
-        "BACKWARD_PRE or BACKWARD_POST state' AssertionError (Lightning issue #19685). Use "
-        "--trainer.strategy ddp (or ddp_spawn): the same numbers as one process, every parameter replicated"
+        "BACKWARD_PRE or BACKWARD_POST state' AssertionError (Lightning issue #19685). To shard it, use "
+        f'--trainer.strategy {FSDP2} (Trainer(strategy="{FSDP2}"): PyTorch\'s FSDP2, each network sharded); '
+        "--trainer.strategy ddp (or ddp_spawn) gives the same numbers with every parameter replicated"
     )
