@@ -2,7 +2,9 @@
 
 * Model and data by class name: ``--model VAE --data Digits``; any importable class through
   ``class_path`` (``--model my_package.MyModel``).
-* The datamodule's ``shape`` is linked into the model, so nobody types it twice.
+* The datamodule's ``shape`` is linked into the model, so nobody types it twice; so are its ``levels`` (256
+  for 8-bit images, 2 for binary data, None for continuous data) into the families that take them (the
+  likelihood families, which dequantise and report bits/dim on discrete data: :mod:`zoo.pixels`).
 * Logging goes to Weights & Biases by default, offline unless ``WANDB_API_KEY`` or ``WANDB_MODE`` says
   otherwise, under ``runs/``; ``--trainer.logger`` overrides it (CSVLogger, TensorBoardLogger, or false).
 * The resolved config is saved into every run's own folder (and, for W&B, uploaded with it).
@@ -138,6 +140,10 @@ class GenZooCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.shape", "model.init_args.shape", apply_on="instantiate")
+        # Only into families that have a ``levels`` argument (jsonargparse skips the others).
+        parser.link_arguments(
+            "data", "model.init_args.levels", compute_fn=data_levels, apply_on="instantiate"
+        )
         parser.add_lightning_class_args(RunSummary, "summary")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
 
@@ -157,6 +163,11 @@ class GenZooCLI(LightningCLI):
             kwargs["return_predictions"] = False  # the writer has them; do not hold them twice
         model = install_sample_predict_step(model)
         return self.trainer.predict(model, datamodule=writer.requests(), **kwargs)
+
+
+def data_levels(data: L.LightningDataModule) -> int | None:
+    """The datamodule's ``levels`` (how many discrete values its data take), None when it does not say."""
+    return getattr(data, "levels", None)
 
 
 def default_logger() -> dict:

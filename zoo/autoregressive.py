@@ -52,6 +52,7 @@ from torchmetrics import MeanMetric
 from zoo.gaussian import upcast
 from zoo.guards import check_data, check_finite
 from zoo.noise import mix_key, step_choice
+from zoo.pixels import bits_per_dim
 from zoo.plugins import LRSchedulerCallable, OptimizerCallable, adam, configure_single, live_arguments
 
 MaskType = Literal["A", "B"]
@@ -196,9 +197,9 @@ class _BinaryAutoregressive(L.LightningModule):
         return loss
 
     def _evaluate(self, x: Tensor, prefix: str, nll: MeanMetric, bpd: MeanMetric) -> None:
-        value = -self.log_prob(x)  # [B], nats
-        nll.update(value)
-        bpd.update(value / (self.dim * math.log(2.0)))
+        log_p = self.log_prob(x)  # [B], nats
+        nll.update(-log_p)
+        bpd.update(bits_per_dim(log_p, self.dim))
         self.log(f"{prefix}/nll", nll, prog_bar=prefix == "val")
         self.log(f"{prefix}/bpd", bpd)
 

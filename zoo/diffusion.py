@@ -70,6 +70,7 @@ from zoo.noise import (
     shard_of,
     step_key,
 )
+from zoo.pixels import bits_per_dim, check_levels
 from zoo.plugins import LRSchedulerCallable, OptimizerCallable, adam, configure_single, live_arguments
 
 __all__ = [  # the denoisers live in zoo.networks.denoisers; re-exported here for code that imported them
@@ -178,8 +179,11 @@ class Diffusion(L.LightningModule):
         hidden: MLP widths (all the time-conditioned layers), or U-Net channels at H, H/2 and H/4 pixels.
         attention: a self-attention block at H/4 in the U-Net.
         decoder: p(x_0 | x_1): ``"gaussian"`` (continuous data), ``"discretized"`` (images with ``levels``
-            grey levels in [0, 1]); ``"auto"``: discretised for (C, H, W) data, Gaussian otherwise.
-        levels: grey levels of the discretised decoder (256 for 8-bit images).
+            grey levels in [0, 1]); ``"auto"``: discretised for (C, H, W) data with ``levels``, Gaussian
+            otherwise. ``val/bpd`` / ``test/bpd`` (the bound in bits per dimension of the discrete data,
+            :mod:`zoo.pixels`) are logged with the discretised decoder.
+        levels: grey levels of the data (256 for 8-bit images, the default; 17 for sklearn's Digits); the
+            CLI links the datamodule's ``levels``. None: continuous data (the Gaussian decoder).
         elbo_timesteps: terms of the bound's sum over t = 2..T in ``val/elbo``, ``test/elbo`` and
             :meth:`elbo`: ``None`` all T - 1 (exact sum, one draw each), else a stratified unbiased estimate.
         vlb_weight: λ of the hybrid loss (Nichol & Dhariwal: 0.001).
@@ -218,7 +222,7 @@ class Diffusion(L.LightningModule):
         hidden: Sequence[int] = (128, 128, 128),
         attention: bool = False,
         decoder: Decoder = "auto",
-        levels: int = 256,
+        levels: int | None = 256,
         elbo_timesteps: int | None = None,
         vlb_weight: float = 0.001,
         lr: float = 1e-3,
@@ -230,7 +234,8 @@ class Diffusion(L.LightningModule):
         shape = tuple(int(s) for s in shape)
         hidden = tuple(int(h) for h in hidden)
         network = ("unet" if is_conv_image(shape) else "mlp") if network == "auto" else network
-        decoder = ("discretized" if len(shape) == 3 else "gaussian") if decoder == "auto" else decoder
+        if decoder == "auto":
+            decoder = "discretized" if len(shape) == 3 and levels is not None else "gaussian"
         loss = ("hybrid" if variance == "learned" else "simple") if loss == "auto" else loss
         _check_arguments(
             shape, timesteps, schedule, parameterization, loss, variance, sampler, sample_steps, eta,
@@ -618,8 +623,8 @@ class Diffusion(L.LightningModule):
         elbo = self._elbo(x, terms, weights, noise)
         metrics[0].update(elbo)
         self.log(f"{prefix}/elbo", metrics[0], prog_bar=prefix == "val")
-        if self.images:  # bits per dimension of the bound: -elbo / (D ln 2)
-            metrics[1].update(-elbo / (numel(self.shape) * math.log(2)))
+        if self.decoder_kind == "discretized":  # the bound on log P(8-bit image), in bits per dimension
+            metrics[1].update(bits_per_dim(elbo, numel(self.shape)))
             self.log(f"{prefix}/bpd", metrics[1])
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
@@ -678,8 +683,9 @@ def _check_arguments(
             raise ValueError(
                 f"network='unet' needs channel counts divisible by 8 (GroupNorm); got {list(hidden)}"
             )
-    if decoder == "discretized" and levels < 2:
-        raise ValueError(f"levels must be >= 2 for the discretised decoder; got {levels}")
+    check_levels(levels, "Diffusion")
+    if decoder == "discretized" and levels is None:
+        raise ValueError("decoder='discretized' needs the data's levels (256 for 8-bit images); got None")
     if loss == "hybrid" and variance != "learned":
         raise ValueError(
             "loss='hybrid' trains the learned variances (the mean is detached in its bound term); "

@@ -65,6 +65,7 @@ from zoo.gradients import MovingAverageBaseline, score_function_surrogate
 from zoo.guards import check_data, check_finite
 from zoo.networks import check_role, dummy_batch, mlp, numel
 from zoo.noise import global_uniform, mix_key, positional_uniform, shard_of, step_key
+from zoo.pixels import bits_per_dim, check_levels
 from zoo.plugins import LRSchedulerCallable, OptimizerCallable, adam, configure_single, live_arguments
 from zoo.vae import log_mean_exp
 
@@ -125,6 +126,9 @@ class DiscreteVAE(L.LightningModule):
             lr=3e-4)``, or ``class_path`` / ``init_args`` in a recipe); None: Adam at ``lr``.
         lr_scheduler: a callable ``optimizer -> scheduler``, stepped after every optimizer step; None: a
             constant learning rate. The temperature schedule is separate (``anneal_steps``).
+        levels: levels of the data (the CLI links the datamodule's ``levels``); with binary data
+            (``levels=2``), where the Bernoulli decoder is a distribution over the levels, ``val/bpd`` and
+            ``test/bpd`` report the IWAE bound in bits per dimension (:mod:`zoo.pixels`).
 
     A network given from Python is left out of the saved hyperparameters: reload its checkpoint with
     ``DiscreteVAE.load_from_checkpoint(path, decoder=MyDecoder())``. From a recipe (``class_path`` /
@@ -155,8 +159,10 @@ class DiscreteVAE(L.LightningModule):
         decoder: nn.Module | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        levels: int | None = None,
     ) -> None:
         super().__init__()
+        check_levels(levels, "DiscreteVAE")
         shape = tuple(int(s) for s in shape)
         _check_arguments(
             shape,
@@ -178,6 +184,7 @@ class DiscreteVAE(L.LightningModule):
         self._optimizer_callable, self._lr_scheduler_callable = optimizer, lr_scheduler
         self.shape, self.n_latents, self.n_categories = shape, n_latents, n_categories
         self.estimator, self.k, self.lr, self.eval_k, self.seed = estimator, k, lr, eval_k, seed
+        self.levels = levels
         self.temperature0, self.temperature_min, self.anneal_steps = (
             temperature,
             temperature_min,
@@ -199,6 +206,7 @@ class DiscreteVAE(L.LightningModule):
         self.baseline = MovingAverageBaseline() if estimator == "score" else None
         self.val_elbo, self.val_iwae = MeanMetric(), MeanMetric()
         self.test_elbo, self.test_iwae = MeanMetric(), MeanMetric()
+        self.val_bpd, self.test_bpd = MeanMetric(), MeanMetric()
 
     # -- the model ------------------------------------------------------------------------------------
 
@@ -369,7 +377,9 @@ class DiscreteVAE(L.LightningModule):
             self.log("train/temperature", self.temperature())
         return loss
 
-    def _evaluate(self, x: Tensor, batch_idx: int, elbo_metric: MeanMetric, iwae_metric: MeanMetric) -> None:
+    def _evaluate(self, x: Tensor, batch_idx: int, split: Literal["val", "test"]) -> None:
+        """Update and log ``<split>/elbo``, ``<split>/iwae`` (and ``<split>/bpd`` on binary data) with noise
+        keyed by ``(seed, batch_idx)`` and global position, so W processes give the one-process value."""
         rank, world = shard_of(self)
         shared = dict(rank=rank, world=world, device=x.device, dtype=x.dtype)
         event = (self.n_latents, self.n_categories)
@@ -379,22 +389,23 @@ class DiscreteVAE(L.LightningModule):
         uk = positional_uniform(
             x.shape[0], (self.eval_k, *event), key=mix_key(self.seed, _IWAE_STREAM, batch_idx), **shared
         )
+        elbo, iwae, bpd = (getattr(self, f"{split}_{name}") for name in ("elbo", "iwae", "bpd"))
         logits = self.posterior_logits(x)
-        elbo_metric.update(
-            self.log_likelihood(x, gumbel_max(logits, u1.transpose(0, 1)))[0] - self.kl(logits)
-        )
+        elbo.update(self.log_likelihood(x, gumbel_max(logits, u1.transpose(0, 1)))[0] - self.kl(logits))
         z = gumbel_max(logits, uk.transpose(0, 1))
-        iwae_metric.update(log_mean_exp(self._discrete_log_weights(x, logits, z)))
+        log_p = log_mean_exp(self._discrete_log_weights(x, logits, z))
+        iwae.update(log_p)
+        self.log(f"{split}/elbo", elbo, prog_bar=split == "val")
+        self.log(f"{split}/iwae", iwae)
+        if self.levels == 2:
+            bpd.update(bits_per_dim(log_p, numel(self.shape)))
+            self.log(f"{split}/bpd", bpd)
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, self.val_elbo, self.val_iwae)
-        self.log("val/elbo", self.val_elbo, prog_bar=True)
-        self.log("val/iwae", self.val_iwae)
+        self._evaluate(batch, batch_idx, "val")
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, self.test_elbo, self.test_iwae)
-        self.log("test/elbo", self.test_elbo)
-        self.log("test/iwae", self.test_iwae)
+        self._evaluate(batch, batch_idx, "test")
 
     def configure_optimizers(self):
         return configure_single(self, adam(self.lr))

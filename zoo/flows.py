@@ -38,6 +38,10 @@ KL(P_X || P_F(U)) = KL(P_F⁻¹(X) || P_U), the same number computed in data spa
 Targets for ``"reverse"``: the 2-D potentials U1-U4 of Rezende & Mohamed (2015, table 1), normalised here by
 quadrature (:func:`potential_log_prob`), a callable log-density, or the datamodule's exact ``log_prob``.
 
+Discrete data (``levels``, linked from the datamodule: 256 for 8-bit images): the forward objective trains
+the density on uniformly dequantised data and ``val/bpd`` / ``test/bpd`` report bits per dimension of the
+discrete data (:mod:`zoo.pixels`), the convention of RealNVP and Glow.
+
 All values are in nats per example.
 """
 
@@ -61,6 +65,7 @@ from zuko.lazy import LazyDistribution
 from zoo.guards import check_data, check_finite
 from zoo.networks import check_role, dummy_batch, numel
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of, step_key
+from zoo.pixels import bits_per_dim, check_levels, dequantize_eval, dequantize_train
 from zoo.plugins import (
     LRSchedulerCallable,
     OptimizerCallable,
@@ -75,7 +80,7 @@ Objective = Literal["forward", "reverse"]
 TRANSFORMS = ("coupling", "maf", "spline", "planar", "radial")
 INVERTIBLE = ("coupling", "maf", "spline")
 SPLINE_BINS = 8  # zuko's NSF default: K = 8 rational-quadratic bins per coordinate
-_TRAIN_STREAM, _EVAL_STREAM = 0, 1
+_TRAIN_STREAM, _EVAL_STREAM, _DEQUANTIZE_STREAM = 0, 1, 2
 
 # -- the 2-D potentials of Rezende & Mohamed (2015), table 1: p(z) ∝ exp(-U(z)) ------------------------------
 
@@ -220,11 +225,14 @@ class Flow(L.LightningModule):
             ``class_path`` / ``init_args`` in a recipe); None: Adam at ``lr``.
         lr_scheduler: a callable ``optimizer -> scheduler``, stepped every optimizer step; None: the
             ``lr_final_factor`` decay.
+        levels: levels of discrete data (256 for 8-bit images; the CLI links the datamodule's ``levels``),
+            None for continuous data. The forward objective and ``val/nll`` then see uniformly dequantised
+            data (:func:`zoo.pixels.dequantize`), and ``val/bpd`` reports bits per dimension.
 
-    Logged: ``train/loss``; forward: ``val/nll`` = E_data[-log q(x)]; reverse: ``val/reverse_kl`` =
-    E_q[log q(x) - log p(x)] (the KL itself when the target is normalised); on data with an exact density
-    (when the data is the model's target) ``val/kl`` = KL(p_data || q) = E_data[log p_data(x) - log q(x)]
-    (and ``val/nll`` for an invertible flow); the same under ``test/``.
+    Logged: ``train/loss``; forward: ``val/nll`` = E_data[-log q(x)] (and ``val/bpd`` with ``levels``);
+    reverse: ``val/reverse_kl`` = E_q[log q(x) - log p(x)] (the KL itself when the target is normalised);
+    on data with an exact density (when the data is the model's target) ``val/kl`` = KL(p_data || q) =
+    E_data[log p_data(x) - log q(x)] (and ``val/nll`` for an invertible flow); the same under ``test/``.
 
     Example:
         >>> flow = Flow(shape=(2,), transform="maf", n_layers=2, hidden=(16,))
@@ -250,8 +258,10 @@ class Flow(L.LightningModule):
         flow: LazyDistribution | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        levels: int | None = None,
     ) -> None:
         super().__init__()
+        check_levels(levels, "Flow")
         shape = tuple(int(s) for s in shape)
         _check_arguments(shape, transform, n_layers, hidden, objective, target, lr, lr_final_factor, flow)
         self.save_hyperparameters(
@@ -259,6 +269,7 @@ class Flow(L.LightningModule):
         )
         self.shape, self.dim, self.kind = shape, numel(shape), transform
         self.objective, self.target, self.lr, self.seed = objective, target, lr, seed
+        self.levels = levels
         self.lr_final_factor = float(lr_final_factor)
         self._optimizer_callable, self._lr_scheduler_callable = optimizer, lr_scheduler
         if flow is None:
@@ -268,7 +279,7 @@ class Flow(L.LightningModule):
             _check_flow(flow, shape, objective)
             self.flow, self.layers = flow, nn.ModuleList()
         self._data_log_prob: Callable[[Tensor], Tensor] | None = None
-        names = ("nll", "kl", "reverse_kl")
+        names = ("nll", "kl", "reverse_kl", "bpd")
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in names})
         self.test_metrics = nn.ModuleDict({name: MeanMetric() for name in names})
 
@@ -366,11 +377,13 @@ class Flow(L.LightningModule):
 
     def training_loss(self, batch: Tensor) -> Tensor:
         """The objective averaged over the batch (the single-objective capability): forward,
-        E_data[-log q(x)]; reverse, E_q[log q(x) - log p(x)] over ``len(batch)`` draws keyed by
-        ``(seed, global_step)`` under a Trainer, fresh on every call outside one
-        (:func:`zoo.noise.step_key`)."""
+        E_data[-log q(x)] (on dequantised data with ``levels``); reverse, E_q[log q(x) - log p(x)] over
+        ``len(batch)`` draws. The noise is keyed by ``(seed, global_step)`` under a Trainer, fresh on every
+        call outside one (:func:`zoo.noise.step_key`)."""
         x = batch[0] if isinstance(batch, list | tuple) else batch
         if self.objective == "forward":
+            if self.levels is not None:
+                x = dequantize_train(self, x, self.levels, _DEQUANTIZE_STREAM)
             return -self.log_prob(x).mean()
         rank, world = shard_of(self)
         u = global_normal(
@@ -391,9 +404,14 @@ class Flow(L.LightningModule):
         x = batch[0] if isinstance(batch, list | tuple) else batch
         data_is_target = self.objective == "forward" or self.target is None
         if self.invertible and data_is_target:
+            if self.levels is not None:
+                x = dequantize_eval(self, x, self.levels, _DEQUANTIZE_STREAM, batch_idx)
             log_q = self.log_prob(x)
             metrics["nll"].update(-log_q)
             self.log(f"{stage}/nll", metrics["nll"], prog_bar=stage == "val")
+            if self.levels is not None:
+                metrics["bpd"].update(bits_per_dim(log_q, self.dim, self.levels, dequantized=True))
+                self.log(f"{stage}/bpd", metrics["bpd"])
             if self._data_log_prob is not None:
                 metrics["kl"].update(self._data_log_prob(x) - log_q)
                 self.log(f"{stage}/kl", metrics["kl"])

@@ -9,6 +9,10 @@ Gaussian encoder. Importance weights w_j = p(x, z_j) / q(z_j | x), z_j ~ q(z | x
   L_k(x) = E[log (1/k) Σ_j w_j], with L_1 <= L_k <= L_{k+1} <= log p(x).
 * Gradients: ``estimator="reparam"`` differentiates through z = μ + L ε; ``"score"`` uses REINFORCE with
   a moving-average baseline (seed 001), for comparison or for decoders that cannot be differentiated in z.
+* Discrete data (``levels``, linked from the datamodule: 256 for 8-bit images, 2 for binary data): the
+  Gaussian likelihood is trained and evaluated on uniformly dequantised data, and ``val/bpd`` / ``test/bpd``
+  report the IWAE bound of the discrete data in bits per dimension (:mod:`zoo.pixels`); the Bernoulli
+  likelihood reports them on binary data (``levels=2``), where it is a distribution over the levels.
 * Linear-Gaussian model (``decoder="linear"``, ``likelihood="gaussian"``): p(x | z) = N(W z + b, diag s²)
   has the exact marginal p(x) = N(b, W Wᵀ + diag s²), offered as :meth:`VAE.log_prob` so every bound can be
   checked against the truth.
@@ -45,10 +49,11 @@ from zoo.gradients import MovingAverageBaseline, score_function_surrogate
 from zoo.guards import check_data, check_finite
 from zoo.networks import check_conv_image, check_role, conv_decoder, conv_encoder, dummy_batch, mlp, numel
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of, step_key
+from zoo.pixels import bits_per_dim, check_levels, dequantize_eval, dequantize_train
 from zoo.plugins import LRSchedulerCallable, OptimizerCallable, adam, configure_single, live_arguments
 
 Architecture = Literal["mlp", "conv", "linear"]
-_TRAIN_STREAM, _ELBO_STREAM, _IWAE_STREAM = 0, 1, 2
+_TRAIN_STREAM, _ELBO_STREAM, _IWAE_STREAM, _DEQUANTIZE_STREAM = 0, 1, 2, 3
 
 
 def log_mean_exp(log_w: Tensor, dim: int = 0) -> Tensor:
@@ -97,6 +102,11 @@ class VAE(L.LightningModule):
             lr=3e-4)``, or ``class_path`` / ``init_args`` in a recipe); None: Adam at ``lr``.
         lr_scheduler: a callable ``optimizer -> scheduler``, stepped after every optimizer step; None: a
             constant learning rate.
+        levels: levels of discrete data (256 for 8-bit images, 2 for binary data; the CLI links the
+            datamodule's ``levels``), None for continuous data. With the Gaussian likelihood the data are
+            dequantised (:func:`zoo.pixels.dequantize`) in :meth:`training_loss` and in evaluation, and
+            ``val/bpd`` / ``test/bpd`` report bits per dimension of the discrete data; with the Bernoulli
+            likelihood they are reported for ``levels=2``.
 
     A network given from Python is left out of the saved hyperparameters: reload its checkpoint with
     ``VAE.load_from_checkpoint(path, encoder=MyEncoder())``. From a recipe (``class_path`` / ``init_args``)
@@ -128,8 +138,10 @@ class VAE(L.LightningModule):
         encoder: nn.Module | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        levels: int | None = None,
     ) -> None:
         super().__init__()
+        check_levels(levels, "VAE")
         shape = tuple(int(s) for s in shape)
         user_decoder = decoder if isinstance(decoder, nn.Module) else None
         preset = "mlp" if user_decoder is not None else decoder  # the kind of the presets built here
@@ -142,7 +154,7 @@ class VAE(L.LightningModule):
         self.shape, self.latent_dim, self.k, self.estimator = shape, latent_dim, k, estimator
         self.likelihood, self.posterior_kind = likelihood, posterior
         self.decoder_kind = preset if user_decoder is None else "custom"  # "linear": log_prob is exact
-        self.lr, self.eval_k, self.seed = lr, eval_k, seed
+        self.lr, self.eval_k, self.seed, self.levels = lr, eval_k, seed, levels
         self._optimizer_callable, self._lr_scheduler_callable = optimizer, lr_scheduler
         hidden = tuple(hidden)
 
@@ -163,6 +175,7 @@ class VAE(L.LightningModule):
         self.baseline = MovingAverageBaseline() if estimator == "score" else None
         self.val_elbo, self.val_iwae = MeanMetric(), MeanMetric()
         self.test_elbo, self.test_iwae = MeanMetric(), MeanMetric()
+        self.val_bpd, self.test_bpd = MeanMetric(), MeanMetric()
 
     # -- the model ------------------------------------------------------------------------------------
 
@@ -268,9 +281,21 @@ class VAE(L.LightningModule):
 
     # -- training ---------------------------------------------------------------------------------------
 
+    @property
+    def dequantized(self) -> bool:
+        """Whether the data are discrete and modelled by a density: dequantised in training and evaluation."""
+        return self.levels is not None and self.likelihood == "gaussian"
+
+    @property
+    def reports_bits(self) -> bool:
+        """Whether ``val/bpd`` is a likelihood of the discrete data: a dequantised density, or Bernoulli on
+        binary data."""
+        return self.dequantized or (self.levels == 2 and self.likelihood == "bernoulli")
+
     def training_loss(self, batch: Tensor) -> Tensor:
-        """-L_k averaged over the batch, with this step's noise (the single-objective capability)."""
-        x = batch
+        """-L_k averaged over the batch, with this step's noise (the single-objective capability); discrete
+        data are dequantised first (``levels`` with the Gaussian likelihood)."""
+        x = dequantize_train(self, batch, self.levels, _DEQUANTIZE_STREAM) if self.dequantized else batch
         rank, world = shard_of(self)
         key = step_key(self, _TRAIN_STREAM)
         eps = global_normal(
@@ -306,9 +331,13 @@ class VAE(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def _evaluate(self, x: Tensor, batch_idx: int, elbo_metric: MeanMetric, iwae_metric: MeanMetric) -> None:
+    def _evaluate(self, x: Tensor, batch_idx: int, split: Literal["val", "test"]) -> None:
+        """Update and log ``<split>/elbo``, ``<split>/iwae`` (and ``<split>/bpd``) with noise keyed by
+        ``(seed, batch_idx)`` and global position, so W processes give the one-process value."""
         rank, world = shard_of(self)
         shared = dict(rank=rank, world=world, device=x.device, dtype=x.dtype)
+        if self.dequantized:
+            x = dequantize_eval(self, x, self.levels, _DEQUANTIZE_STREAM, batch_idx)
         eps1 = positional_normal(
             x.shape[0], (1, self.latent_dim), key=mix_key(self.seed, _ELBO_STREAM, batch_idx), **shared
         )
@@ -318,18 +347,21 @@ class VAE(L.LightningModule):
             key=mix_key(self.seed, _IWAE_STREAM, batch_idx),
             **shared,
         )
-        elbo_metric.update(self._elbo(x, eps1.transpose(0, 1)))
-        iwae_metric.update(log_mean_exp(self._log_weights(x, epsk.transpose(0, 1))))
+        elbo, iwae, bpd = (getattr(self, f"{split}_{name}") for name in ("elbo", "iwae", "bpd"))
+        elbo.update(self._elbo(x, eps1.transpose(0, 1)))
+        log_p = log_mean_exp(self._log_weights(x, epsk.transpose(0, 1)))
+        iwae.update(log_p)
+        self.log(f"{split}/elbo", elbo, prog_bar=split == "val")
+        self.log(f"{split}/iwae", iwae)
+        if self.reports_bits:
+            bpd.update(bits_per_dim(log_p, numel(self.shape), self.levels, self.dequantized))
+            self.log(f"{split}/bpd", bpd)
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, self.val_elbo, self.val_iwae)
-        self.log("val/elbo", self.val_elbo, prog_bar=True)
-        self.log("val/iwae", self.val_iwae)
+        self._evaluate(batch, batch_idx, "val")
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, self.test_elbo, self.test_iwae)
-        self.log("test/elbo", self.test_elbo)
-        self.log("test/iwae", self.test_iwae)
+        self._evaluate(batch, batch_idx, "test")
 
     def configure_optimizers(self):
         return configure_single(self, adam(self.lr))
