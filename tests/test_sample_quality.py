@@ -263,7 +263,8 @@ def read_wandb_history(run_dir: Path) -> list[dict]:
 def test_the_callback_logs_fid_and_kid_to_wandb(tmp_path: Path, monkeypatch) -> None:
     """Two epochs with an evaluation after each (8 steps), logged through an offline WandbLogger: the values
     read back from the run's file are the callback's, and the last one equals :func:`sample_quality` on the
-    trained module with the same held-out examples, keys and features (to 1e-12: the same computation)."""
+    trained module with the same held-out examples, keys and features (to 1e-12: the same computation). The
+    checkpointed state restores the history without the held-out images."""
     from lightning.pytorch.loggers import WandbLogger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -294,6 +295,9 @@ def test_the_callback_logs_fid_and_kid_to_wandb(tmp_path: Path, monkeypatch) -> 
     for row, expected in zip(rows, callback.history, strict=True):
         assert {f"sample_quality/{name}": expected[name] for name in names}.items() <= row.items()
     assert callback.history[1]["fid"] < callback.history[0]["fid"]  # the sampler moved towards the data
+    resumed = SampleQuality(feature=nn.Flatten(), every_n_epochs=1, n_samples=200, kid_subset_size=100)
+    resumed.load_state_dict(callback.state_dict())  # a checkpoint keeps the history, not the images
+    assert resumed.history == callback.history and resumed.last_step == 8 and resumed.fixed is None
 
     held_out = data.splits["val"].__getitems__(list(range(200)))
     again = sample_quality(
@@ -312,8 +316,9 @@ def test_without_a_sampler_it_fails_at_setup() -> None:
 def test_two_processes_match_one(tmp_path: Path) -> None:
     """2 gloo processes (one launch, through the CLI) log the sample_quality/* rows of a 1-process fit: 251
     samples in blocks of 60 split 126 + 125 across a block, 251 held-out examples likewise, a feature network
-    that differs on rank 1 until rank 0's is broadcast. Tolerance 1e-9 relative: the models' float32 weights
-    after DDP's gradient all-reduce (seen: equal)."""
+    that differs on rank 1 until rank 0's is broadcast (without the broadcast: FID 90.0 against 40.3).
+    Tolerance 1e-6 relative, room for the last bit of the float32 weights after DDP's gradient all-reduce
+    (seen: FID equal to 1e-14, its float64 sums added in another order; KID bit for bit)."""
     options = {
         "every_n_epochs": 1,
         "n_samples": 251,
@@ -339,4 +344,4 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     assert [int(row["step"]) for row in two] == [int(row["step"]) for row in callback.history] == [4, 8]
     for row, expected in zip(two, callback.history, strict=True):
         for name in ("fid", "kid_mean", "kid_std"):
-            assert float(row[f"sample_quality/{name}"]) == pytest.approx(expected[name], rel=1e-9), name
+            assert float(row[f"sample_quality/{name}"]) == pytest.approx(expected[name], rel=1e-6), name
