@@ -45,6 +45,7 @@ from torch import Tensor
 
 from callbacks.run import log_image
 from zoo.capabilities import Game, SingleObjective, require
+from zoo.sharding import gathered
 
 GameWhich = Literal["LM", "LR", "SR"]
 HessianWhich = Literal["LA", "SA", "LM", "BE"]
@@ -558,8 +559,9 @@ class EigenvalueTracker(Callback):
         reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if trainer.world_size > 1 else None
         options = dict(tol=self.tol, maxiter=self.maxiter, seed=self.seed, reduce=reduce)
         function = game_jacobian_eigenvalues if mode == "game" else hessian_eigenvalues
-        try:
-            eigenvalues = function(pl_module, batch, self.k, which, **options)
+        try:  # FSDP2 (zoo.sharding): the products differentiate w.r.t. the full, gathered parameters
+            with gathered(pl_module):
+                eigenvalues = function(pl_module, batch, self.k, which, **options)
         except ArpackNoConvergence as error:  # the same on every rank: the products are the same
             eigenvalues = torch.as_tensor(np.asarray(error.eigenvalues))
             eigenvalues = eigenvalues.double() if mode == "hessian" else eigenvalues.to(torch.complex128)

@@ -1,8 +1,8 @@
 """One 2-process gloo job that trains every family a few steps under one strategy and saves the weights:
-the launcher behind tests/test_fsdp2.py (``python tests/fsdp2_launch.py STRATEGY OUT [CASE ...]``).
+the launcher behind tests/test_fsdp2.py (``python tests/fsdp2_launch.py ddp,fsdp2 OUT [RUN ...]``).
 
 Lightning's launcher re-runs this script in the second process, so both processes go through the same
-fits in the same order. Rank 0 writes ``OUT/<case>.pt``: the full weights after the fit (gathered from the
+fits in the same order. Rank 0 writes ``OUT/<strategy>/<run>.pt``: the full weights after the fit (gathered from the
 shards under ``fsdp2``), and for the ``resume`` cases the checkpoint the run wrote and the weights of the
 run resumed from it.
 """
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from test_precision import CASES
 from torch.distributed.tensor import DTensor
 
-from callbacks import ELBOGapMonitor, SampleGrid
+from callbacks import EigenvalueTracker, ELBOGapMonitor, SampleGrid
 from datamodules import Toy2D
 from zoo import GAN
 
@@ -56,6 +56,12 @@ RUNS: dict[str, Run] = {
         lambda: GAN(shape=(2,), hidden=(16, 16), r1_gamma=1.0), toy, lambda: [EMAWeightAveraging(decay=0.9)]
     ),
     "gan_user_networks_r1": case("gan_user_networks_r1"),
+    # the eigenvalue tracker's Jacobian-vector products (a game) and Hessian-vector products (a VAE)
+    "gan_eigen": Run(
+        lambda: GAN(shape=(2,), hidden=(8,), r1_gamma=1.0),
+        toy,
+        lambda: [EigenvalueTracker(every_n_steps=2, k=2)],
+    ),
     "fgan_kl_dv_r1": case("fgan_kl_dv_r1"),
     "dirac_gan_r1": case("dirac_gan_r1"),
     # every other family, and the diagnostics that differentiate through it
@@ -67,6 +73,7 @@ RUNS: dict[str, Run] = {
         ],
     ),
     "vae_user_networks": case("vae_user_networks"),
+    "vae_hessian": case("vae_score", callbacks=lambda: [EigenvalueTracker(every_n_steps=2, k=2)]),
     "discrete_vae_gumbel_k3": case("discrete_vae_gumbel_k3"),
     "diffusion_mlp_hybrid": case("diffusion_mlp_hybrid"),
     "made_2_orderings": case("made_2_orderings"),
@@ -112,25 +119,41 @@ def fit(run: Run, strategy: str, path: Path, ckpt_path: str | None = None, **tra
 
 
 def resume(strategy: str, out: Path) -> None:
-    """GAN with R1, one batch (two optimizer steps) per epoch: 2 epochs in one go (a checkpoint at each
-    epoch's end) against the second epoch resumed from the first one's checkpoint."""
-    run, folder = RUNS["gan_r1"], out / "resume"
-    every = ModelCheckpoint(dirpath=folder, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
-    one_batch = {"limit_train_batches": 1, "max_steps": -1, "max_epochs": 2}
-    fit(run, strategy, out / "resume_straight.pt", callbacks=[every], enable_checkpointing=True, **one_batch)
-    fit(run, strategy, out / "resume_resumed.pt", ckpt_path=str(folder / "epoch=0.ckpt"), **one_batch)
+    """``genzoo fit --trainer.strategy <strategy> --trainer.devices 2``: the GAN with R1, one batch (two
+    optimizer steps) per epoch, 2 epochs in one go (a checkpoint at each epoch's end), then the second epoch
+    again, resumed from the first one's checkpoint."""
+    from cli import run
+
+    folder = out / "resume"
+    common = [
+        "--model=GAN", "--model.hidden=[16,16]", "--model.r1_gamma=1.0",
+        "--data=Toy2D", "--data.n_train=32", "--data.n_val=33", "--data.n_test=0", "--data.batch_size=32",
+        "--trainer.accelerator=cpu", "--trainer.devices=2", f"--trainer.strategy={strategy}",
+        "--trainer.max_epochs=2", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={folder}", "--trainer.callbacks+=fsdp2_launch.SaveFullWeights",
+    ]  # fmt: skip
+    every_epoch = ["--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={folder}",
+                   "--trainer.callbacks.every_n_epochs=1", "--trainer.callbacks.save_top_k=-1",
+                   "--trainer.callbacks.filename={epoch}"]  # fmt: skip
+    torch.manual_seed(0)
+    run(["fit", *common, f"--trainer.callbacks.path={out / 'resume_straight.pt'}", *every_epoch])
+    torch.manual_seed(0)
+    run(["fit", *common, f"--trainer.callbacks.path={out / 'resume_resumed.pt'}",
+         f"--ckpt_path={folder / 'epoch=0.ckpt'}"])  # fmt: skip
 
 
-def main(strategy: str, out: Path, names: list[str]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def main(strategies: list[str], out: Path, names: list[str]) -> None:
+    """Every run (or those ``names``) under each of ``strategies`` in turn, into ``out/<strategy>/``."""
     torch.set_num_threads(1)
-    for name in names or [*RUNS, "resume"]:
-        if name == "resume":
-            resume(strategy, out)
-        else:
-            fit(RUNS[name], strategy, out / f"{name}.pt")
+    for strategy in strategies:
+        (out / strategy).mkdir(parents=True, exist_ok=True)
+        for name in names or [*RUNS, "resume"]:
+            if name == "resume":
+                resume(strategy, out / strategy)
+            else:
+                fit(RUNS[name], strategy, out / strategy / f"{name}.pt")
 
 
 if __name__ == "__main__":
     os.environ.setdefault("WANDB_MODE", "disabled")
-    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3:])
+    main(sys.argv[1].split(","), Path(sys.argv[2]), sys.argv[3:])

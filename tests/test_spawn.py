@@ -10,7 +10,9 @@ launch itself is the same Lightning code for every module of one optimisation st
 each: automatic (VAE), manual with R1 / R2 double backward (GAN), a closure optimiser bound to the model
 (natural gradient), an implicit backward through an EM fit (Set2Model), and a zuko flow (MAF). Each launch:
 3 steps on 2 spawned processes; rank 0 writes its final ``state_dict`` to a file; the caller's module must
-hold exactly those tensors (bit for bit), finite, and moved from the initial weights.
+hold exactly those tensors (bit for bit), finite, and moved from the initial weights. The workers destroy
+their process group at teardown (zoo.strategies.SpawnedDDPStrategy, no workaround here), and one
+user-shaped ``genzoo fit --trainer.strategy ddp_spawn`` must exit 0.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from cli_runs import cli_run
 from test_precision import CASES, Case
 
 # One case per family for the pickle round trip; one per optimisation style for the launch.
@@ -46,10 +49,7 @@ def test_every_family_and_its_data_survive_the_pickle_round_trip_of_a_spawned_wo
 
 
 class SaveRankZeroWeights(L.Callback):
-    """Rank 0 saves its ``state_dict`` to ``path`` when training ends (in the spawned worker); at teardown
-    every worker destroys its process group. Lightning's spawn launcher leaves it alive, and a gloo group
-    destroyed only at interpreter exit aborted a worker now and then ("terminate called without an active
-    exception", SIGABRT after ``fit`` had finished: 2 of 5 runs of this file on the 2-core machine)."""
+    """Rank 0 saves its ``state_dict`` to ``path`` when training ends (in the spawned worker)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -57,10 +57,6 @@ class SaveRankZeroWeights(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_rank == 0:
             torch.save({k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}, self.path)
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 @pytest.mark.ddp
@@ -86,3 +82,30 @@ def test_each_optimisation_style_trains_under_ddp_spawn_and_returns_rank_zero_we
         if value.is_floating_point():
             assert torch.isfinite(value).all(), name
     assert any(not torch.equal(initial[name], rank_zero[name]) for name in initial)
+
+
+def test_ddp_spawn_is_the_strategy_that_destroys_its_workers_process_group() -> None:
+    """``ddp_spawn`` names map to zoo.strategies.SpawnedDDPStrategy once ``zoo`` is imported (the SIGABRT fix
+    below); other DDP names are Lightning's own."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from zoo.strategies import SpawnedDDPStrategy
+
+    for name in ("ddp_spawn", "ddp_spawn_find_unused_parameters_true"):
+        strategy = L.Trainer(strategy=name, accelerator="cpu", devices=2, logger=False).strategy
+        assert type(strategy) is SpawnedDDPStrategy and strategy._start_method == "spawn"
+    assert type(L.Trainer(strategy="ddp", accelerator="cpu", devices=2, logger=False).strategy) is DDPStrategy
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_a_users_ddp_spawn_fit_exits_zero(tmp_path: Path) -> None:
+    """``genzoo fit ... --trainer.strategy ddp_spawn --trainer.devices 2`` as a user types it exits 0 with a
+    checkpoint. Lightning's spawn launcher leaves the workers' gloo group to the interpreter's exit, which
+    aborted a worker now and then (SIGABRT after a finished fit); SpawnedDDPStrategy destroys it at teardown.
+    Seen by hand: 10 of 10 such runs exit 0 (docs/cli.md)."""
+    result = cli_run(tmp_path, 2, "--model=VAE", "--model.hidden=[16]", "--data=Digits",
+                     "--data.batch_size=64", "--trainer.max_steps=3", "--trainer.limit_val_batches=1",
+                     strategy="ddp_spawn", timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((tmp_path / "version_0" / "checkpoints").glob("*.ckpt"))

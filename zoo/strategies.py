@@ -17,7 +17,9 @@ the penalties' double backward run as under DDP) and ``ddp``. Families with auto
 
 from __future__ import annotations
 
+import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 
 from zoo.sharding import FSDP2  # importing it registers the "fsdp2" strategy
 
@@ -47,3 +49,37 @@ def check_strategy(module: LightningModule, strategy: object) -> None:
         f'--trainer.strategy {FSDP2} (Trainer(strategy="{FSDP2}"): PyTorch\'s FSDP2, each network sharded); '
         "--trainer.strategy ddp (or ddp_spawn) gives the same numbers with every parameter replicated"
     )
+
+
+class SpawnedDDPStrategy(DDPStrategy):
+    """Lightning's DDP with ``start_method="spawn"`` (``ddp_spawn``), plus: a spawned worker destroys its
+    process group at teardown.
+
+    Lightning's spawn launcher leaves the workers' gloo group alive when ``fit`` returns, so it is destroyed
+    by the interpreter's exit, and on the CPU that aborted a worker now and then after a finished fit
+    ("terminate called without an active exception", SIGABRT: 2 of 5 runs of tests/test_spawn.py). What the
+    worker does after teardown (rank 0 saves the weights the launcher hands back) needs no collective.
+    Registered under Lightning's ``ddp_spawn`` names when ``zoo`` is imported
+    (:func:`register_spawn_teardown`), so ``--trainer.strategy ddp_spawn`` and
+    ``Trainer(strategy="ddp_spawn")`` get it; a ``DDPStrategy`` built by hand does not.
+    """
+
+    def teardown(self) -> None:
+        super().teardown()
+        spawned = self._start_method == "spawn"  # the caller's process never joins the group: a no-op there
+        if spawned and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def register_spawn_teardown() -> None:
+    """Point every registered ``ddp_spawn*`` name (Lightning's DDP with the spawn start method) at
+    :class:`SpawnedDDPStrategy`, with the same arguments."""
+    for name, entry in list(StrategyRegistry.items()):
+        params = dict(entry["init_params"])
+        if entry["strategy"] is DDPStrategy and params.get("start_method") == "spawn":
+            StrategyRegistry.register(
+                name, SpawnedDDPStrategy, description=entry["description"], override=True, **params
+            )
+
+
+register_spawn_teardown()
