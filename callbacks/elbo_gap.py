@@ -47,7 +47,6 @@ from torch.distributions import Distribution, Independent, MultivariateNormal, N
 from callbacks.periodic import PeriodicDiagnostic, Split
 from callbacks.run import log_image
 from zoo.capabilities import LatentVariableModel, require
-from zoo.sharding import gathered
 
 MAX_ROWS = 1 << 16  # default chunking: at most this many (sample, example) rows per forward pass
 REFINE_LR = 0.3  # Adam moves a parameter by ~lr a step: an untrained encoder's means can be several units off
@@ -407,13 +406,12 @@ class ELBOGapMonitor(PeriodicDiagnostic):
         device, dtype = pl_module.device, next(pl_module.parameters()).dtype
         x_all = self.fixed.to(device=device, dtype=dtype)
         names, parts = self.names, []
-        with gathered(pl_module):  # FSDP2: the blocks differ per process; no collective in the forwards
-            for j, rows in self.blocks(trainer):
-                gaps = inference_gaps(
-                    pl_module, x_all[rows], self.k, self.refine_steps, self.chunk_size,
-                    self.generator(trainer, device, j), self.refine_lr, self.refine_samples,
-                )  # fmt: skip
-                parts.append(torch.stack([gaps[name].detach() for name in names], dim=1))
+        for j, rows in self.blocks(trainer):
+            gaps = inference_gaps(
+                pl_module, x_all[rows], self.k, self.refine_steps, self.chunk_size,
+                self.generator(trainer, device, j), self.refine_lr, self.refine_samples,
+            )  # fmt: skip
+            parts.append(torch.stack([gaps[name].detach() for name in names], dim=1))
         per_example = self.gather(trainer, parts, (len(names),), x_all).double()  # [n, Q], global order
         values = {}
         for i, name in enumerate(names):

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from callbacks.samples import evaluating
 from zoo.noise import mix_key
+from zoo.sharding import gathered
 
 Split = Literal["val", "train", "test"]
 
@@ -135,7 +136,7 @@ class PeriodicDiagnostic(Callback):
         """Evaluate now on every process, log, record, and draw (rank 0). Returns the logged values."""
         if self.fixed is None:
             self.fixed = fixed_subset(trainer, self.n_examples, self.split)
-        with evaluating(pl_module):
+        with evaluating(pl_module), gathered(pl_module):  # FSDP2: full weights, no collective per forward
             values = self.evaluate(trainer, pl_module)
         values = trainer.strategy.broadcast(values, src=0)  # every rank logs and decides on rank 0's numbers
         step = trainer.global_step

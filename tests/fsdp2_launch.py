@@ -1,10 +1,10 @@
-"""One 2-process gloo job that trains every family a few steps under one strategy and saves the weights:
-the launcher behind tests/test_fsdp2.py (``python tests/fsdp2_launch.py ddp,fsdp2 OUT [RUN ...]``).
+"""One 2-process gloo job that trains every family a few steps under each strategy it is given and saves
+the weights: the launcher behind tests/test_fsdp2.py (``python tests/fsdp2_launch.py ddp,fsdp2 OUT [RUN]``).
 
-Lightning's launcher re-runs this script in the second process, so both processes go through the same
-fits in the same order. Rank 0 writes ``OUT/<strategy>/<run>.pt``: the full weights after the fit (gathered from the
-shards under ``fsdp2``), and for the ``resume`` cases the checkpoint the run wrote and the weights of the
-run resumed from it.
+Lightning's launcher re-runs this script in the second process, so both processes go through the same fits
+in the same order. Rank 0 writes ``OUT/<strategy>/<run>.pt``: the full weights after the fit (gathered from
+the shards under ``fsdp2``), the logged values, the names of the sharded parameters and the step count; the
+``resume`` runs go through ``genzoo fit`` (cli.run) and leave their checkpoints in ``OUT/<strategy>/resume``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 from test_precision import CASES
 from torch.distributed.tensor import DTensor
 
-from callbacks import EigenvalueTracker, ELBOGapMonitor, SampleGrid
+from callbacks import DivergenceEstimator, EigenvalueTracker, ELBOGapMonitor, SampleGrid
 from datamodules import Toy2D
 from zoo import GAN
 
@@ -73,6 +73,11 @@ RUNS: dict[str, Run] = {
         ],
     ),
     "vae_user_networks": case("vae_user_networks"),
+    "gan_divergence": Run(
+        lambda: GAN(shape=(2,), hidden=(8,)),
+        toy,
+        lambda: [DivergenceEstimator(every_n_steps=STEPS, n_examples=24, batch_size=8, refit_steps=20)],
+    ),
     "vae_hessian": case("vae_score", callbacks=lambda: [EigenvalueTracker(every_n_steps=2, k=2)]),
     "discrete_vae_gumbel_k3": case("discrete_vae_gumbel_k3"),
     "diffusion_mlp_hybrid": case("diffusion_mlp_hybrid"),

@@ -5,9 +5,10 @@ bit, and its checkpoint loads, samples and tests in one process.
 One 2-process job (tests/fsdp2_launch.py) trains every run under ``ddp`` and then under ``fsdp2``, a few
 steps each: the adversarial hard cases (R1, R2 with ``n_critic = 2``, EMA, user networks, the f-GAN, the
 Dirac-GAN), the eigenvalue tracker's Jacobian- and Hessian-vector products, the ELBO-gap monitor's
-refinement, Set2Model's implicit backward, a rank-0 ``SampleGrid``, and every other family. Tolerance: that
-of the DDP parity tests (atol 1e-6, rtol 1e-5 on weights, 1e-4 on logged values); on this machine the two
-strategies agreed bit for bit (gloo averages 2 gradients in the same order either way).
+refinement, the divergence estimator's refitted critic, Set2Model's implicit backward, a rank-0
+``SampleGrid``, and every other family. Tolerance: that of the DDP parity tests (atol 1e-6, rtol 1e-5 on
+weights, 1e-4 on logged values); on this machine the two strategies agreed bit for bit (gloo averages 2
+gradients in the same order either way).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ SHARDED = {
     "gan_ema": ["generator.", "discriminator."],
     "gan_user_networks_r1": ["generator.", "discriminator."],
     "gan_eigen": ["generator.", "discriminator."],
+    "gan_divergence": ["generator.", "discriminator."],
     "fgan_kl_dv_r1": ["generator.", "critic."],
     "dirac_gan_r1": [],  # three scalars: fully_shard cannot split a 0-d tensor
     "vae_full": ["encoder.", "decoder.", "posterior_head."],
