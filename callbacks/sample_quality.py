@@ -316,7 +316,7 @@ def frechet_distance(features_a: Tensor, features_b: Tensor) -> Tensor:
         >>> round(float(frechet_distance(a, b)), 1)  # |μ_a - μ_b|² = 9, equal covariances
         9.0
     """
-    distances = FeatureDistances(features_a.shape[1], ("fid",))
+    distances = FeatureDistances(features_a.shape[1], ("fid",)).to(features_a.device)
     distances.update(features_a.double(), real=True)
     distances.update(features_b.double(), real=False)
     return distances.fid.compute()
@@ -327,13 +327,12 @@ def kernel_distance(
 ) -> tuple[Tensor, Tensor]:
     """KID ``(mean, std)`` over ``subsets`` random subsets of ``subset_size`` rows of each feature set
     (torchmetrics' computation, float64; the subsets are drawn from ``seed``)."""
-    distances = FeatureDistances(features_a.shape[1], ("kid",), subsets, subset_size)
+    distances = FeatureDistances(features_a.shape[1], ("kid",), subsets, subset_size).to(features_a.device)
     distances.update(features_a.double(), real=True)
     distances.update(features_b.double(), real=False)
     values = distances.compute(key=seed)
-    return torch.tensor(values["kid_mean"], dtype=torch.float64), torch.tensor(
-        values["kid_std"], dtype=torch.float64
-    )
+    mean, std = values["kid_mean"], values["kid_std"]
+    return torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
 
 
 # -- samples -------------------------------------------------------------------------------------------------
