@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ class Run:
     data: Callable[[], L.LightningDataModule]
     callbacks: Callable[[], list] = field(default=lambda: [])
     steps: int = STEPS
+    trainer: dict = field(default_factory=dict)
 
 
 def case(case_id: str, **kwargs) -> Run:
@@ -86,6 +88,8 @@ RUNS: dict[str, Run] = {
     "flow_maf": case("flow_maf"),
     "flow_planar_reverse": case("flow_planar_reverse"),
     "nce_mlp": case("nce_mlp"),
+    "nce_clipped": case("nce_mlp", trainer={"gradient_clip_val": 0.05}),  # a sharded net and a replicated c
+    "gan_clipped": Run(lambda: GAN(shape=(2,), hidden=(16, 16), r1_gamma=1.0, clip_norm=0.05), toy),
     "explicit_gaussian_natural": case("explicit_gaussian_natural"),
     "set2model": case("set2model"),
 }
@@ -112,7 +116,7 @@ class SaveFullWeights(L.Callback):
 def fit(run: Run, strategy: str, path: Path, ckpt_path: str | None = None, **trainer_kwargs) -> None:
     torch.manual_seed(0)
     model = run.model()
-    trainer_kwargs.setdefault("max_steps", run.steps)
+    trainer_kwargs = {"max_steps": run.steps, **run.trainer, **trainer_kwargs}
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy=strategy,
         limit_val_batches=2, num_sanity_val_steps=1, logger=False, enable_progress_bar=False,
@@ -124,7 +128,8 @@ def fit(run: Run, strategy: str, path: Path, ckpt_path: str | None = None, **tra
 
 
 def resume(strategy: str, out: Path) -> None:
-    """``genzoo fit --trainer.strategy <strategy> --trainer.devices 2``: the GAN with R1, one batch (two
+    """``genzoo fit --trainer.strategy <strategy> --trainer.devices 2``: the GAN with R1 and an EMA of its
+    weights (``EMAWeightAveraging``, whose average and current weights the checkpoint holds), one batch (two
     optimizer steps) per epoch, 2 epochs in one go (a checkpoint at each epoch's end), then the second epoch
     again, resumed from the first one's checkpoint."""
     from cli import run
@@ -135,7 +140,8 @@ def resume(strategy: str, out: Path) -> None:
         "--data=Toy2D", "--data.n_train=32", "--data.n_val=33", "--data.n_test=0", "--data.batch_size=32",
         "--trainer.accelerator=cpu", "--trainer.devices=2", f"--trainer.strategy={strategy}",
         "--trainer.max_epochs=2", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-        f"--trainer.default_root_dir={folder}", "--trainer.callbacks+=fsdp2_launch.SaveFullWeights",
+        f"--trainer.default_root_dir={folder}", "--trainer.callbacks+=EMAWeightAveraging",
+        "--trainer.callbacks.decay=0.9", "--trainer.callbacks+=fsdp2_launch.SaveFullWeights",
     ]  # fmt: skip
     every_epoch = ["--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={folder}",
                    "--trainer.callbacks.every_n_epochs=1", "--trainer.callbacks.save_top_k=-1",
@@ -148,15 +154,21 @@ def resume(strategy: str, out: Path) -> None:
 
 
 def main(strategies: list[str], out: Path, names: list[str]) -> None:
-    """Every run (or those ``names``) under each of ``strategies`` in turn, into ``out/<strategy>/``."""
+    """Every run (or those ``names``) under each of ``strategies`` in turn, into ``out/<strategy>/``; the
+    ``resume`` runs last. A run that fails the same way on every process (e.g. a CLI argument refused) is
+    reported on stderr and the job goes on, so it fails only its own tests."""
     torch.set_num_threads(1)
+    names = names or [*RUNS, "resume"]
     for strategy in strategies:
         (out / strategy).mkdir(parents=True, exist_ok=True)
-        for name in names or [*RUNS, "resume"]:
-            if name == "resume":
-                resume(strategy, out / strategy)
-            else:
+        for name in names:
+            if name != "resume":
                 fit(RUNS[name], strategy, out / strategy / f"{name}.pt")
+    for strategy in strategies if "resume" in names else []:
+        try:
+            resume(strategy, out / strategy)
+        except (Exception, SystemExit):
+            traceback.print_exc()
 
 
 if __name__ == "__main__":

@@ -45,28 +45,35 @@ SHARDED = {
     "flow_maf": ["layers.0.hyper.", "layers.3.hyper."],  # zuko: the hyper-networks, not the lazy layers
     "flow_planar_reverse": ["layers.0.w", "layers.7.u"],
     "nce_mlp": ["energy_net."],
+    "nce_clipped": ["energy_net."],  # gradient_clip_val over a sharded network and a replicated scalar
+    "gan_clipped": ["generator.", "discriminator."],  # clip_norm in manual optimisation
     "explicit_gaussian_natural": [],  # a mean and a Cholesky factor, no network
     "set2model": ["net."],
 }
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The job's output folder and its stderr (each test reads its own files, so one broken run fails its
+    own tests only)."""
     out = tmp_path_factory.mktemp("fsdp2")
     command = [sys.executable, str(ROOT / "tests" / "fsdp2_launch.py"), "ddp,fsdp2", str(out)]
     result = subprocess.run(command, cwd=out, env=cli_env(), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return out
+    return out, result.stderr
 
 
-def load(runs: Path, strategy: str, name: str) -> dict:
-    return torch.load(runs / strategy / f"{name}.pt", weights_only=True)
+def load(runs: tuple[Path, str], strategy: str, name: str) -> dict:
+    out, stderr = runs
+    path = out / strategy / f"{name}.pt"
+    if not path.exists():
+        pytest.fail(f"{strategy} run {name} wrote nothing:\n{stderr[-4000:]}")
+    return torch.load(path, weights_only=True)
 
 
 @pytest.mark.ddp
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
-def test_every_family_trains_under_fsdp2_to_the_ddp_numbers(runs: Path, name: str) -> None:
+def test_every_family_trains_under_fsdp2_to_the_ddp_numbers(runs: tuple[Path, str], name: str) -> None:
     ddp, fsdp2 = load(runs, "ddp", name), load(runs, "fsdp2", name)
     assert ddp["steps"] == fsdp2["steps"] == RUNS[name].steps
     assert ddp["state"].keys() == fsdp2["state"].keys()
@@ -88,21 +95,25 @@ def test_every_family_trains_under_fsdp2_to_the_ddp_numbers(runs: Path, name: st
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_diagnostics_under_fsdp2_log_the_ddp_values(runs: Path) -> None:
+def test_diagnostics_under_fsdp2_log_the_ddp_values(runs: tuple[Path, str]) -> None:
     """The diagnostics that differentiate through the sharded networks logged their numbers (and the DDP
     ones, checked above): game-Jacobian and Hessian eigenvalues, the ELBO-gap split with refinement."""
     assert {"eig/max_real", "eig/max_abs"} <= load(runs, "fsdp2", "gan_eigen")["metrics"].keys()
     assert "eig/max" in load(runs, "fsdp2", "vae_hessian")["metrics"]
     gaps = load(runs, "fsdp2", "vae_elbo_gap_refined")["metrics"]
     assert {"elbo_gap/approximation_gap", "elbo_gap/amortization_gap"} <= gaps.keys()
-    assert list((runs / "fsdp2" / "samples").glob("*.png"))  # rank 0 drew a SampleGrid without a hang
+    assert list((runs[0] / "fsdp2" / "samples").glob("*.png"))  # rank 0 drew a SampleGrid without a hang
 
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_a_sharded_run_resumes_bit_for_bit(runs: Path) -> None:
+def test_a_sharded_run_resumes_bit_for_bit(runs: tuple[Path, str]) -> None:
+    """``genzoo fit --trainer.strategy fsdp2`` (GAN, R1, EMA) stopped after epoch 1 and resumed from its
+    checkpoint ends with the weights of the uninterrupted run, which are the DDP run's."""
     straight, resumed = load(runs, "fsdp2", "resume_straight"), load(runs, "fsdp2", "resume_resumed")
-    assert straight["steps"] == resumed["steps"] == 4
+    assert straight["steps"] == resumed["steps"] == 4 and straight["sharded"]
+    for key, value in load(runs, "ddp", "resume_straight")["state"].items():
+        torch.testing.assert_close(straight["state"][key], value, atol=1e-6, rtol=1e-5, msg=key)
     for key, value in straight["state"].items():
         assert torch.equal(resumed["state"][key], value), key
     for key, value in straight["metrics"].items():
@@ -112,13 +123,13 @@ def test_a_sharded_run_resumes_bit_for_bit(runs: Path) -> None:
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_the_sharded_checkpoint_loads_predicts_and_tests_in_one_process(
-    runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    runs: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The consolidated ``.ckpt`` the 2-process run wrote: ``GAN.load_from_checkpoint`` holds the run's final
     weights and samples; ``genzoo predict`` and ``genzoo test`` read it in this process."""
     from cli import run
 
-    checkpoint = runs / "fsdp2" / "resume" / "epoch=1.ckpt"
+    checkpoint = runs[0] / "fsdp2" / "resume" / "epoch=1.ckpt"
     model = GAN.load_from_checkpoint(checkpoint, map_location="cpu")
     for key, value in load(runs, "fsdp2", "resume_straight")["state"].items():
         assert torch.equal(model.state_dict()[key], value), key

@@ -36,8 +36,13 @@ Under DDP (RELIABILITY.md #1-#4)
   on the other player, which removes it from the graph and breaks plain DDP (lightning #20328); the
   ``zero_grad`` before each player's backward does what it would, and the other player's stale gradients
   are never stepped.
-* FSDP: the double backward of R1/R2 needs the parameters kept after the backward (no reshard after backward,
-  pytorch #172543), and Lightning refuses FSDP on the CPU; untested here (no GPU machine).
+* Sharded (``--trainer.strategy fsdp2``, :mod:`zoo.sharding`): each player is its own FSDP2 unit
+  (:meth:`Adversarial.sharded_units`); with R1 / R2 the opponent keeps its gathered parameters from the
+  penalty's ``autograd.grad`` to its optimiser step (:meth:`Adversarial.double_backward_units`; resharding in
+  between would free what the second backward needs, pytorch #172543), and the strategy reshards every unit
+  after each step, so the generator's step never runs through the opponent's pre-step copy. No
+  :func:`zero_touch` there: FSDP2 reduces only the units a backward reached. The weights equal the DDP run's
+  (tests/test_fsdp2.py). Lightning's FSDP1 strategy (``fsdp``) is refused (:mod:`zoo.strategies`).
 """
 
 from __future__ import annotations

@@ -40,15 +40,18 @@ parameters, gathers and gradient reductions stay float32, and the families' floa
 densities, log-sum-exps, penalties) stay float32. FSDP2's ``MixedPrecisionPolicy`` is not used: it casts the
 parameters themselves, under those islands too. ``16-mixed`` is refused by Lightning for this strategy.
 
-Refused at start-up (``UnsupportedStrategyError``, naming the family, ``fsdp2`` and ``ddp``):
-``callbacks.EigenvalueTracker`` (its Hessian- / Jacobian-vector products differentiate with respect to the
-parameters, which under FSDP2 are shards outside the autograd graph).
+Diagnostics: the periodic ones (ELBO gap with refinement, divergence estimator, sample quality) and the
+eigenvalue tracker's Hessian- / Jacobian-vector products run inside :func:`gathered`, so they differentiate
+with respect to the full parameters exactly as under DDP (tests/test_fsdp2.py: the DDP numbers). A unit's
+memory saving applies to training: evaluation and diagnostics hold the full weights (no gradients or
+optimiser states) while they run.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -257,6 +260,19 @@ def _shard_weight_averages(trainer: Trainer, mesh) -> None:
                 fully_shard(unit, mesh=mesh, ignored_params={p for p in unit.parameters() if p.dim() == 0})
 
 
+def _sharded_like(state: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """``state`` (full tensors) with each entry that is a DTensor in ``reference`` distributed like it."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    def like(name: str, value: Any) -> Any:
+        target = reference.get(name)
+        if isinstance(target, DTensor) and not isinstance(value, DTensor):
+            return distribute_tensor(value.to(target.device), target.device_mesh, target.placements)
+        return value
+
+    return {name: like(name, value) for name, value in state.items()}
+
+
 def _full_tensors(value: Any) -> Any:
     """``value`` with every DTensor replaced by its full tensor on the CPU (a collective per DTensor: every
     process walks the same structure in the same order)."""
@@ -350,6 +366,19 @@ class FSDP2Strategy(ModelParallelStrategy):
         if not self._save_distributed_checkpoint:
             checkpoint = _full_tensors(checkpoint)
         super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's load (model and optimisers), then what ``EMAWeightAveraging.on_load_checkpoint``
+        reads from a consolidated file: the ``state_dict`` Lightning's loader has consumed (the average), and
+        the current weights, both as the shards of this process (a collective per tensor)."""
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
+        path = Path(self.broadcast(checkpoint_path))
+        if "current_model_state" in checkpoint and path.is_file():
+            saved = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)["state_dict"]
+            reference = self.lightning_module.state_dict()
+            checkpoint["state_dict"] = _sharded_like(saved, reference)
+            checkpoint["current_model_state"] = _sharded_like(checkpoint["current_model_state"], reference)
+        return checkpoint
 
     # rule 3 for test and predict (validation and the epoch end: the callbacks above); training reshards
     def on_test_start(self) -> None:

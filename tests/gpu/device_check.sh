@@ -9,7 +9,8 @@
 # Each step has its own time limit, so the whole fits one 10-minute call; logs come back from $OUT:
 #   env.txt          nvidia-smi, versions, whether every import works
 #   gpu_tests.txt    tests/gpu (16-mixed and bf16-mixed on CUDA, every family of tests/test_precision.py)
-#   recipes.txt      fsdp (VAE trains, GAN refused with its message), 16-mixed / bf16-mixed recipe fits
+#   recipes.txt      fsdp (VAE trains, GAN refused naming fsdp2), fsdp2 + bf16-mixed (VAE, GAN with R1,
+#                    diffusion), 16-mixed / bf16-mixed recipe fits
 #   gpu_speed.json   benchmarks/gpu_speed.py's table (bare / zoo eager / zoo compiled, steps/s)
 #   suite.txt        the whole pytest suite on the GPU machine (what remains of the time; -x off, -q)
 # On a CPU machine the same script runs with everything CUDA-only skipped (a dry run: GPU_CHECK_DRY=1 makes
@@ -56,6 +57,10 @@ echo "exit $? after $(($(date +%s) - started)) s" >>"$OUT/gpu_tests.txt"
     }
     fit vae_mnist --trainer.strategy=fsdp
     fit gan_mnist --trainer.strategy=fsdp
+    # issue 19: FSDP2 (zoo.sharding) for one family per kind, bf16-mixed, on the one GPU
+    fit vae_mnist --trainer.strategy=fsdp2 --trainer.precision=bf16-mixed
+    fit gan_mnist --trainer.strategy=fsdp2 --trainer.precision=bf16-mixed  # r1_gamma: 1.0 in the recipe
+    fit diffusion_mnist --trainer.strategy=fsdp2 --trainer.precision=bf16-mixed
     for precision in 16-mixed bf16-mixed; do
         for config in vae_mnist gan_mnist diffusion_mnist pixelcnn_mnist discrete_vae_mnist set2model_mnist; do
             fit $config --trainer.precision=$precision
