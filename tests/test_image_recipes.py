@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from image_data import write_cifar_archive, write_image_folder
 
 from cli import run as main
@@ -18,7 +19,13 @@ QUIET = [
     "--trainer.enable_model_summary=false",
     "--trainer.logger=false",
 ]
-IMAGE_RECIPES = ["vae_cifar10.yaml", "gan_cifar10.yaml", "diffusion_cifar10.yaml", "gan_imagefolder.yaml"]
+# The recipes as written, with narrower networks (the full-width ones cost minutes of CPU per step and test)
+IMAGE_RECIPES = {
+    "vae_cifar10.yaml": ["--model.hidden=[32]", "--model.eval_k=2"],
+    "gan_cifar10.yaml": ["--model.hidden=[32]"],
+    "diffusion_cifar10.yaml": ["--model.hidden=[8,16,16]", "--model.sample_steps=2"],
+    "gan_imagefolder.yaml": ["--model.hidden=[32]"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +63,13 @@ def test_colour_image_recipes_fit_and_test(
     recipe: str, cifar: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each recipe as written (networks, losses, callbacks) fits a step and runs ``genzoo test``."""
-    args = [
-        "-c",
-        str(ROOT / "configs" / recipe),
-        *data_args(recipe, cifar, folder),
-        "--trainer.fast_dev_run=true",
-    ]
+    config = yaml.safe_load((ROOT / "configs" / recipe).read_text())
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"] == "SampleQuality":  # FID / KID of 8 samples against 8 images
+            callback["init_args"].update(n_samples=8, batch_size=8, kid_subsets=2, kid_subset_size=4)
+    (tmp_path / recipe).write_text(yaml.safe_dump(config))
+    args = ["-c", str(tmp_path / recipe), *IMAGE_RECIPES[recipe], *data_args(recipe, cifar, folder)]
+    args.append("--trainer.fast_dev_run=true")
     fit = cli(["fit", *args], tmp_path, monkeypatch)
     assert fit.trainer.state.finished and fit.trainer.global_step >= 1
     assert (
@@ -70,6 +78,8 @@ def test_colour_image_recipes_fit_and_test(
     test = cli(["test", *args], tmp_path, monkeypatch)
     metrics = test.trainer.callback_metrics
     assert any(key.startswith("test/") for key in metrics)
+    if "SampleQuality" in str(config):
+        assert float(fit.trainer.callback_metrics["sample_quality/fid"]) > 0
     if recipe in ("vae_cifar10.yaml", "diffusion_cifar10.yaml"):  # likelihood families: 8-bit bits/dim
         assert test.model.levels == 256
         assert 0 < float(metrics["test/bpd"]) < 100
