@@ -9,9 +9,11 @@ Format (written by :func:`convert`, read by :class:`Streaming`)::
     DIR/val/000000.tar ...        index order; ``shard_size`` examples a shard, the last one shorter
     DIR/test/000000.tar ...
 
-An example is stored as ``uint8`` codes ``k = x (levels - 1)`` when the data has ``levels`` (2 to 256: binary
-or 8-bit images), else as ``float32``; it is read back as ``k / (levels - 1)`` in float32, the same
-operation the source datamodules use (``uint8 / 255``), so the round trip is exact.
+An example is stored as integer codes ``k = x (levels - 1)`` when the data has ``levels`` (``uint8`` up to 256
+levels: binary or 8-bit images; ``uint16`` up to 65,536), else as ``float32``; it is read back by
+base.unit_interval, ``k / (levels - 1)`` in float32 as every genzoo datamodule computes it, so the round trip
+is exact. Class labels, where the datamodule has them (``datamodule.labels(split)``), go to
+``DIR/<split>/labels.npy`` (``[N]`` int64), and come back as ``Streaming.labels(split)``.
 
 Order (docs/streaming.md). WebDataset's own ``split_by_node`` / ``split_by_worker`` give each rank whole
 shards, so the global batches change with the world size. Here the training order of epoch ``e`` is a
@@ -22,10 +24,10 @@ permutation (padded with its first examples, rank ``r`` of ``W`` takes ``[r::W]`
 of a batch sits on rank ``p % W`` as everywhere else in genzoo (datamodules/base.py, zoo/noise.py).
 Evaluation splits are read in index order, ``range(r, N, W)``, unpadded (base.ShardSampler).
 
-I/O: a rank holds the decoded shards of one window (its shuffle buffer, ``window x shard_size`` examples) and
-reads every shard of the split once per epoch, whatever ``W``: world-size invariance costs every rank a full
-read of the data (it keeps ``1 / W`` of it). Each DataLoader worker keeps its own window, so ``num_workers=K``
-reads every shard ``K`` times per rank.
+I/O: a rank holds the shards of one window as stored (its shuffle buffer, ``window x shard_size`` examples)
+and reads every shard of the split once per epoch, whatever ``W``: world-size invariance costs every rank a
+full read of the data (it keeps ``1 / W`` of it). Each DataLoader worker keeps its own window, so
+``num_workers=K`` reads every shard ``K`` times per rank.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ from datamodules.base import (
     check_int,
     derive_seed,
     generator,
+    level_count,
     return_batch,
+    unit_interval,
 )
 
 FORMAT, VERSION, META = "genzoo-streaming", 1, "meta.json"
@@ -90,60 +94,70 @@ def read_meta(path: str) -> dict:
     return meta
 
 
-def check_levels(levels: object) -> None:
-    """``levels`` must be ``None`` (continuous, stored as float32) or an int in 2..256 (stored as uint8)."""
-    integer = isinstance(levels, int) and not isinstance(levels, bool)
-    if levels is not None and not (integer and 2 <= levels <= 256):
-        raise ValueError(f"levels={levels!r} is not allowed: None (continuous data) or an integer in 2..256")
+def storage_dtype(levels: int | None) -> str:
+    """What the shards store: ``uint8`` codes for up to 256 levels, ``uint16`` up to 65,536, else float32."""
+    if levels is None or levels > 2**16:
+        return "float32"
+    return "uint8" if levels <= 2**8 else "uint16"
 
 
 def encode(x: Tensor, levels: int | None) -> np.ndarray:
-    """Examples ``x`` in [0, 1] -> what the shards store: uint8 codes ``round(x (levels - 1))``, or float32.
+    """Examples ``x`` in [0, 1] -> what the shards store: integer codes ``round(x (levels - 1))`` (see
+    :func:`storage_dtype`), or ``x`` itself as float32.
 
-    Raises ``ValueError`` when ``x`` is not exactly ``k / (levels - 1)`` (so nothing is rounded away).
+    Raises ``ValueError`` when :func:`unit_interval` would not give ``x`` back bit for bit from the codes
+    (the data are not ``k / (levels - 1)``, so something would be rounded away).
     """
     x = x.detach().to("cpu", torch.float32)
-    if levels is None:
+    dtype = storage_dtype(levels)
+    if dtype == "float32":
         return x.numpy()
-    codes = x.mul(levels - 1).round()
-    if not (codes.min() >= 0 and codes.max() <= levels - 1 and torch.equal(decode(codes, levels), x)):
+    codes = x.mul(levels - 1).round().clamp(0, levels - 1).numpy().astype(dtype)
+    if not torch.equal(unit_interval(codes, levels), x):
         raise ValueError(
-            f"the data says levels={levels}, but its values are not exactly k / {levels - 1} for k in "
+            f"the data say levels={levels}, but their values are not exactly k / {levels - 1} for k in "
             f"0..{levels - 1} (e.g. {x.flatten()[:4].tolist()}); give the datamodule the right levels (None "
             "for continuous data)"
         )
-    return codes.to(torch.uint8).numpy()
+    return codes
 
 
-def decode(codes: Tensor, levels: int | None) -> Tensor:
-    """Stored examples -> float32: ``codes / (levels - 1)`` (as ``uint8 / 255`` in the image datamodules)."""
-    return codes.to(torch.float32) if levels is None else codes.to(torch.float32).div(levels - 1)
+def read_shard(url: str, count: int, shape: tuple[int, ...], dtype: str, first: int) -> np.ndarray:
+    """The ``count`` stored examples ``[count, *shape]`` of one tar shard, read with WebDataset.
 
-
-def read_shard(url: str, count: int, shape: tuple[int, ...], dtype: str, first: int) -> Tensor:
-    """The ``count`` stored examples ``[count, *shape]`` of one tar shard, read with WebDataset; checks
-    that its keys are ``first, first + 1, ...`` and every example has ``shape`` and ``dtype``."""
-    arrays = []
+    The first member is read with ``np.load``; every other must carry the same ``.npy`` header (so the same
+    shape and dtype) and the next key (``first, first + 1, ...``), and its data bytes are taken as they are.
+    """
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    header, data = None, []
     for i, sample in enumerate(wds.tarfile_samples([{"url": url}])):
-        array = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
-        if sample["__key__"] != f"{first + i:09d}" or array.shape != shape or array.dtype != dtype:
+        raw = sample["npy"]
+        if header is None:
+            array = np.load(io.BytesIO(raw), allow_pickle=False)
+            header = raw[: len(raw) - size] if array.shape == shape and array.dtype == dtype else b"?"
+        if (
+            sample["__key__"] != f"{first + i:09d}"
+            or len(raw) != len(header) + size
+            or raw[: len(header)] != header
+        ):
             raise ValueError(
-                f"{url}: member {sample['__key__']!r} holds {array.dtype} {array.shape}; expected key "
-                f"{first + i:09d} of {dtype} {shape}: the shard is corrupt or from another conversion"
+                f"{url}: member {sample['__key__']!r} is not example {first + i:09d} as {dtype} {shape}: the "
+                "shard is corrupt or from another conversion; convert again"
             )
-        arrays.append(array)
-    if len(arrays) != count:
-        raise ValueError(f"{url} holds {len(arrays)} examples, its meta.json says {count}: convert again")
-    return torch.from_numpy(np.stack(arrays)) if arrays else torch.empty((0, *shape))
+        data.append(raw[len(header) :])
+    if len(data) != count:
+        raise ValueError(f"{url} holds {len(data)} examples, its meta.json says {count}: convert again")
+    return np.frombuffer(b"".join(data), dtype=dtype).reshape(count, *shape)
 
 
 class ShardedSplit(Dataset):
     """One split of a converted data set: example ``i`` is in shard ``s`` with ``starts[s] <= i < ends[s]``.
 
-    Random access by index, a batch at a time (``__getitems__``, as base.InMemoryDataset); the decoded
-    shards live in a least-recently-used cache of ``cache_shards`` shards, so a sampler that visits the
-    examples window by window (:class:`WindowSampler`) reads each shard once an epoch. ``shard_reads``
-    counts the reads of this process (or worker).
+    Random access by index, a batch at a time (``__getitems__``, as base.InMemoryDataset), converted to
+    float32 by base.unit_interval; the shards, as stored, live in a least-recently-used cache of
+    ``cache_shards`` shards, so a sampler that visits the examples window by window (:class:`WindowSampler`)
+    reads each shard once an epoch. ``shard_reads`` counts the reads of this process (or worker);
+    ``labels`` (``[N]`` long) are read from ``labels.npy`` when first asked for, ``None`` if there are none.
     """
 
     def __init__(self, path: str, split: str, meta: dict, cache_shards: int) -> None:
@@ -154,13 +168,21 @@ class ShardedSplit(Dataset):
         self.counts = [int(shard["count"]) for shard in shards]
         self.ends = torch.tensor(np.cumsum(self.counts, dtype=np.int64))
         self.starts = self.ends - torch.tensor(self.counts, dtype=torch.long)
-        self.cache: OrderedDict[int, Tensor] = OrderedDict()
-        self.shard_reads = 0
+        self.has_labels = bool(meta["splits"][split].get("labels", False))
+        self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.shard_reads, self._labels = 0, None
+
+    @property
+    def labels(self) -> Tensor | None:
+        if self.has_labels and self._labels is None:
+            with wds.gopen(locate(self.path, f"{self.split}/labels.npy"), "rb") as f:
+                self._labels = torch.from_numpy(np.load(io.BytesIO(f.read()), allow_pickle=False))
+        return self._labels
 
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.counts) else 0
 
-    def shard(self, s: int) -> Tensor:
+    def shard(self, s: int) -> np.ndarray:
         """The stored examples of shard ``s``, from the cache or read (evicting the least recently used)."""
         if s in self.cache:
             self.cache.move_to_end(s)
@@ -177,11 +199,11 @@ class ShardedSplit(Dataset):
         if len(index) and not 0 <= int(index.min()) <= int(index.max()) < len(self):
             raise IndexError(f"{self.split} split of {self.path}: indices must be in [0, {len(self)})")
         where = torch.searchsorted(self.ends, index, right=True)
-        out = torch.empty((len(index), *self.shape), dtype=getattr(torch, self.dtype))
+        out = np.empty((len(index), *self.shape), dtype=self.dtype)
         for s in dict.fromkeys(where.tolist()):  # shards in order of first use, each read at most once
-            mask = where == s
-            out[mask] = self.shard(s)[index[mask] - self.starts[s]]
-        return decode(out, self.levels)
+            mask = (where == s).numpy()
+            out[mask] = self.shard(s)[(index[mask] - self.starts[s]).numpy()]
+        return unit_interval(out, self.levels)
 
     def __getitem__(self, index: int) -> Tensor:
         return self.__getitems__([index])[0]
@@ -263,7 +285,7 @@ class Streaming(TensorDataModule):
             batch_size=self.local_batch_size(),
             sampler=WindowSampler(dataset, world, rank, self.seed, self.window),
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,  # each worker keeps its window of decoded shards
+            persistent_workers=self.num_workers > 0,  # each worker keeps its own window of shards
             collate_fn=return_batch,
         )
 
@@ -298,8 +320,7 @@ def convert(
     Tar members carry a fixed mtime, so converting the same data twice gives the same bytes.
     """
     check_int("shard_size", shard_size, 1)
-    shape, levels = tuple(int(n) for n in data.shape), getattr(data, "levels", None)
-    check_levels(levels)
+    shape, levels = tuple(int(n) for n in data.shape), level_count("levels", getattr(data, "levels", None))
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; choose another --out or pass overwrite=True (--overwrite true)")
@@ -307,7 +328,7 @@ def convert(
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     data.setup("fit")
-    dtype = "float32" if levels is None else "uint8"
+    dtype = storage_dtype(levels)
     splits = {}
     for split in SPLITS:
         (partial / split).mkdir()
@@ -331,7 +352,12 @@ def convert(
             writer.close()
         sizes = [shard_size] * (count // shard_size) + ([count % shard_size] if count % shard_size else [])
         shards = [{"file": f"{split}/{i:06d}.tar", "count": n} for i, n in enumerate(sizes)]
-        splits[split] = {"count": count, "shards": shards}
+        labels = data.labels(split) if callable(getattr(data, "labels", None)) else None
+        if labels is not None:
+            if len(labels) != count:
+                raise ValueError(f"{type(data).__name__}: {len(labels)} {split} labels for {count} examples")
+            np.save(partial / split / "labels.npy", torch.as_tensor(labels).long().numpy())
+        splits[split] = {"count": count, "shards": shards, "labels": labels is not None}
     source = type(data)
     meta = {
         "format": FORMAT, "version": VERSION, "shape": list(shape), "levels": levels, "dtype": dtype,
