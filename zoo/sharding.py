@@ -96,12 +96,12 @@ def _units_within(module: nn.Module) -> list[nn.Module]:
         return []
     if not any(isinstance(m, LazyDistribution | LazyTransform) for m in module.modules()):
         return [module]
-    units: list[nn.Module] = []
+    outermost: dict[str, nn.Module] = {}
     for name, inner in module.named_modules():
-        inside = any(name.startswith(f"{outer}.") for outer, _ in units)
+        inside = any(name.startswith(f"{outer}.") for outer in outermost)
         if isinstance(inner, nn.Sequential) and not inside and any(True for _ in inner.parameters()):
-            units.append((name, inner))
-    return [unit for _, unit in units]
+            outermost[name] = inner
+    return list(outermost.values())
 
 
 def double_backward_units(module: nn.Module) -> list[nn.Module]:
@@ -140,6 +140,7 @@ def shard(module: LightningModule, mesh, reshard_after_forward: bool = True) -> 
         fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=scalars)
         if id(unit) in keep:
             unit.set_reshard_after_backward(False)
+    module._genzoo_reshard_after_forward = reshard_after_forward  # what release() restores
     average_replicated_gradients(module, mesh.get_group())
     return units
 
@@ -190,8 +191,9 @@ def release(module: nn.Module, force: bool = False) -> None:
     if module._genzoo_gathered:
         return
     keep = {id(u) for u in double_backward_units(module)}
+    after_forward = getattr(module, "_genzoo_reshard_after_forward", True)
     for unit in fsdp_units(module):
-        unit.set_reshard_after_forward(True, recurse=False)
+        unit.set_reshard_after_forward(after_forward, recurse=False)
         unit.set_reshard_after_backward(id(unit) not in keep, recurse=False)
         unit.set_requires_gradient_sync(True, recurse=False)
         unit.reshard()
