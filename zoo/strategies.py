@@ -13,6 +13,9 @@ sharded, and names the strategies that work: ``fsdp2`` (:mod:`zoo.sharding`, PyT
 Lightning's ``ModelParallelStrategy``, which calls ``training_step`` directly, so ``manual_backward`` and
 the penalties' double backward run as under DDP) and ``ddp``. Families with automatic optimisation (VAE,
 ...) train under FSDP. See docs/cli.md, "Sharded training".
+
+:class:`SpawnedDDPStrategy` is Lightning's ``ddp_spawn`` that destroys the spawned workers' process group at
+teardown (registered under the ``ddp_spawn`` names on import), so a finished CPU run never aborts at exit.
 """
 
 from __future__ import annotations
