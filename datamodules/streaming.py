@@ -391,7 +391,8 @@ def main(argv: list[str] | None = None) -> None:
     path = convert(init.data, init.out, init.shard_size, init.overwrite)
     meta = json.loads((path / META).read_text())
     counts = ", ".join(
-        f"{s['count']} {name} ({len(s['shards'])} shards)" for name, s in meta["splits"].items()
+        f"{s['count']} {name} ({len(s['shards'])} shard{'s' * (len(s['shards']) != 1)})"
+        for name, s in meta["splits"].items()
     )
     size = sum(f.stat().st_size for f in path.rglob("*.tar")) / 2**20
     print(f"wrote {counts} as {meta['dtype']} {tuple(meta['shape'])} to {path} ({size:.1f} MiB)")
