@@ -17,12 +17,19 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 import warnings
 
 import lightning as L
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import (  # the model's instantiator, extended
+    LightningArgumentParser,
+    LightningCLI,
+    SaveConfigCallback,
+    _get_module_type,
+    _InstantiatorFn,
+)
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer import Trainer
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -126,6 +133,14 @@ class GenZooCLI(LightningCLI):
                 "of the run that saved it"
             ) from None
 
+    def _add_instantiators(self) -> None:
+        """LightningCLI's instantiators, the model's replaced by :class:`LinkedHyperparameters`."""
+        super()._add_instantiators()
+        model_type = _get_module_type(self._model_class)
+        self.parser.add_instantiator(
+            LinkedHyperparameters(cli=self, key="model"), model_type, subclasses=self.subclass_mode_model
+        )
+
     def _run_subcommand(self, subcommand: str) -> None:
         ckpt_path = self.config_init[subcommand].get("ckpt_path")
         # Weights that do not fit: a CheckpointError, not torch's message. A model that builds layers in
@@ -163,6 +178,19 @@ class GenZooCLI(LightningCLI):
             kwargs["return_predictions"] = False  # the writer has them; do not hold them twice
         model = install_sample_predict_step(model)
         return self.trainer.predict(model, datamodule=writer.requests(), **kwargs)
+
+
+class LinkedHyperparameters(_InstantiatorFn):
+    """LightningCLI's model instantiator, which saves the hyperparameters with every applied link's value; the
+    ``levels`` link (applied by jsonargparse to every family, also one without that argument) is left out of a
+    family that has no ``levels`` argument, so its checkpoint reloads (``--ckpt_path``,
+    ``load_from_checkpoint``)."""
+
+    def __call__(self, class_type: type, *args, applied_instantiation_links: dict, **kwargs):
+        links = applied_instantiation_links
+        if "levels" not in inspect.signature(class_type).parameters:
+            links = {key: value for key, value in links.items() if not key.endswith(".levels")}
+        return super().__call__(class_type, *args, applied_instantiation_links=links, **kwargs)
 
 
 def data_levels(data: L.LightningDataModule) -> int | None:

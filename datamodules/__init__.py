@@ -17,6 +17,7 @@ from datamodules.cifar import CIFAR10
 from datamodules.episodes import Episodes
 from datamodules.folders import ImageFolder
 from datamodules.images import MNIST, Digits, read_idx
+from datamodules.streaming import Streaming
 from datamodules.toy import Dirac, Toy2D
 
 
@@ -38,6 +39,7 @@ __all__ = [
     "ImageFolder",
     "InMemoryDataset",
     "ShardSampler",
+    "Streaming",
     "TensorDataModule",
     "Toy2D",
     "read_idx",

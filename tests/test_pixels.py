@@ -173,3 +173,32 @@ def test_diffusion_logs_bits_with_the_discretised_decoder_only() -> None:
             assert out["val/bpd"] == pytest.approx(-out["val/elbo"] / (16 * math.log(2)), rel=1e-5)
         else:
             assert "val/bpd" not in out
+
+
+def test_the_cli_links_the_datamodules_levels_into_the_families_that_take_them(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``levels`` goes from the datamodule into VAE / Diffusion (Digits: 17; binarised: 2; Toy2D: None);
+    a family without the argument (GAN) neither gets it nor saves it, so its checkpoint reloads."""
+    from cli import run as main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    quiet = [
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+    fit = ["fit", "--trainer.max_steps=1", "--trainer.limit_val_batches=1", *quiet]
+    assert main([*fit, "--model=VAE", "--data=Digits"]).model.levels == 17
+    assert main([*fit, "--model=VAE", "--data=Digits", "--data.binarize=static"]).model.levels == 2
+    diffusion = main([*fit, "--model=Diffusion", "--model.timesteps=4", "--data=Toy2D", "--data.n_train=64"])
+    assert diffusion.model.levels is None and diffusion.model.decoder_kind == "gaussian"
+    gan = ["--model=GAN", "--model.hidden=[8]", "--data=Toy2D", "--data.n_train=64", "--data.batch_size=32"]
+    (tmp_path / "gan").mkdir()
+    monkeypatch.chdir(tmp_path / "gan")  # its own runs/ folder
+    main([*fit, *gan])
+    (ckpt,) = (tmp_path / "gan" / "runs" / "checkpoints").glob("*.ckpt")
+    assert "levels" not in torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    tested = main(["test", *gan, *quiet, f"--ckpt_path={ckpt}"])
+    assert "test/d_loss" in tested.trainer.callback_metrics

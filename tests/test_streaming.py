@@ -185,7 +185,7 @@ class RecordBatches(L.Callback):
 
 @pytest.mark.ddp
 def test_two_processes_fit_on_the_one_process_batches(converted: dict, tmp_path: Path) -> None:
-    """``genzoo fit --data datamodules.streaming.Streaming --data.path DIR``, 2 epochs on 1 and on 2 gloo
+    """``genzoo fit --data Streaming --data.path DIR``, 2 epochs on 1 and on 2 gloo
     processes: the same 48 global batches (2 x 1,500 images) bit for bit, and the same final weights to
     float32 tolerance."""
     results = {}
@@ -194,7 +194,7 @@ def test_two_processes_fit_on_the_one_process_batches(converted: dict, tmp_path:
         log_dir = cli_fit(
             folder, devices,
             "--model=VAE", "--model.hidden=[32]", "--model.eval_k=5",
-            "--data=datamodules.streaming.Streaming", f"--data.path={converted['digits'][1]}",
+            "--data=Streaming", f"--data.path={converted['digits'][1]}",
             "--data.window=2", "--data.batch_size=64",
             "--trainer.max_epochs=2", "--trainer.limit_val_batches=1",
             "--trainer.callbacks=test_streaming.RecordBatches",
