@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -112,15 +110,10 @@ def test_samples_of_the_wrong_dimension_are_refused() -> None:
         ModeCoverage(RING, std=0.02).update(torch.zeros(4, 3))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _rank_worker(rank: int, world: int, port: int, samples: torch.Tensor, centers: torch.Tensor, out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _rank_worker(rank: int, world: int, store: str, samples: torch.Tensor, centers: torch.Tensor, out: str):
+    # A file store, not a TCP port: a port picked free here can be taken by another test's processes before
+    # rank 0 binds it (this test failed that way once on a busy machine).
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         metric = ModeCoverage(centers, std=0.02)
         for chunk in samples[rank::world].split(64):  # rank 0 holds 501 samples, rank 1 holds 500
@@ -143,7 +136,7 @@ def test_two_gloo_processes_with_uneven_shards_give_the_one_process_numbers(tmp_
     one.update(samples)
     expected = one.compute()
     out = str(tmp_path / "values")
-    args = (2, _free_port(), samples, data.centers, out)
+    args = (2, str(tmp_path / "store"), samples, data.centers, out)
     mp.start_processes(_rank_worker, args=args, nprocs=2, start_method="spawn")
     for rank in range(2):
         values = torch.load(f"{out}.{rank}", weights_only=True)
