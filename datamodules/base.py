@@ -314,8 +314,7 @@ class TensorDataModule(L.LightningDataModule):
         if len(dataset) == 0:
             raise ValueError(f"{type(self).__name__} has an empty {split} split; give it a size > 0")
         world, rank = self.world()
-        train = split == "train"
-        sampler = ShardSampler(dataset, num_replicas=world, rank=rank, train=train, seed=self.seed)
+        sampler = self.sampler(split, dataset, world, rank)
         # Persistent workers would keep a stale copy of an epoch-dependent dataset.
         persistent = self.num_workers > 0 and not hasattr(dataset, "set_epoch")
         return DataLoader(
@@ -327,6 +326,11 @@ class TensorDataModule(L.LightningDataModule):
             collate_fn=return_batch,
             drop_last=False,
         )
+
+    def sampler(self, split: Literal["train", "val", "test"], dataset: Dataset, world: int, rank: int):
+        """Which examples of ``split`` this process loads, in which order: :class:`ShardSampler` (a datamodule
+        with another order, e.g. ``datamodules.Streaming``'s shard windows, overrides this)."""
+        return ShardSampler(dataset, num_replicas=world, rank=rank, train=split == "train", seed=self.seed)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train")

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from datamodules.base import (
     DynamicBinarized,
@@ -56,7 +56,6 @@ from datamodules.base import (
     derive_seed,
     generator,
     level_count,
-    return_batch,
     unit_interval,
 )
 
@@ -271,23 +270,12 @@ class Streaming(TensorDataModule):
     def build(self) -> list[ShardedSplit]:
         return [ShardedSplit(self.path, split, self.meta, cache_shards=self.window) for split in SPLITS]
 
-    def loader(self, split: Literal["train", "val", "test"]) -> DataLoader:
-        """val/test: base.ShardSampler in order; train: :class:`WindowSampler`."""
+    def sampler(self, split: Literal["train", "val", "test"], dataset: Dataset, world: int, rank: int):
+        """val/test: base.ShardSampler in order; train: :class:`WindowSampler` (persistent workers keep their
+        own window of shards: the train split has no ``set_epoch``)."""
         if split != "train":
-            return super().loader(split)
-        self.setup()
-        dataset = self.splits["train"]
-        if len(dataset) == 0:
-            raise ValueError(f"Streaming has an empty train split in {self.path}")
-        world, rank = self.world()
-        return DataLoader(
-            dataset,
-            batch_size=self.local_batch_size(),
-            sampler=WindowSampler(dataset, world, rank, self.seed, self.window),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,  # each worker keeps its own window of shards
-            collate_fn=return_batch,
-        )
+            return super().sampler(split, dataset, world, rank)
+        return WindowSampler(dataset, world, rank, self.seed, self.window)
 
 
 def split_batches(datamodule: L.LightningDataModule, split: str, chunk: int = 1024) -> Iterator[Tensor]:
