@@ -19,7 +19,7 @@ from zuko.lazy import UnconditionalDistribution
 
 from zoo import VAE, Diffusion, DiscreteVAE, Flow
 from zoo.noise import pinned_noise
-from zoo.pixels import bits_per_dim, dequantize, dequantize_eval, dequantize_train
+from zoo.pixels import bits_per_dim, dequantize, dequantize_eval, dequantize_train, from_logit, to_logit
 
 F64 = torch.float64
 QUIET = dict(
@@ -122,7 +122,7 @@ def validate(model: L.LightningModule, x: torch.Tensor) -> dict[str, float]:
 
 def test_a_flow_that_is_uniform_on_the_cells_logs_eight_bits_per_dim() -> None:
     dim = 6
-    model = Flow(shape=(dim,), flow=uniform_on_cells(dim, 256), levels=256)
+    model = Flow(shape=(dim,), flow=uniform_on_cells(dim, 256), levels=256, logit_alpha=None)
     out = validate(model, grid(256, 24, dim).float())
     assert out["val/bpd"] == pytest.approx(8.0, abs=1e-5)
     assert out["val/nll"] == pytest.approx(dim * math.log(256 / 255), rel=1e-4)  # -log p = D log(1 + h)
@@ -149,7 +149,7 @@ def test_the_vae_reports_the_iwae_bound_in_bits() -> None:
 
 def test_the_vae_dequantises_only_with_the_gaussian_likelihood_and_levels() -> None:
     """The dequantised training loss is the plain model's loss on the dequantised batch (pinned noise)."""
-    model = VAE(shape=(4,), latent_dim=2, likelihood="gaussian", hidden=(8,), levels=256)
+    model = VAE(shape=(4,), latent_dim=2, likelihood="gaussian", hidden=(8,), levels=256, logit_alpha=None)
     plain = VAE(shape=(4,), latent_dim=2, likelihood="gaussian", hidden=(8,))
     plain.load_state_dict(model.state_dict())
     x = grid(256, 8, 4).float()
@@ -202,3 +202,39 @@ def test_the_cli_links_the_datamodules_levels_into_the_families_that_take_them(
     assert "levels" not in torch.load(ckpt, weights_only=True)["hyper_parameters"]
     tested = main(["test", *gan, *quiet, f"--ckpt_path={ckpt}"])
     assert "test/d_loss" in tested.trainer.callback_metrics
+
+
+def test_the_logit_transform_is_invertible_with_its_exact_log_determinant() -> None:
+    """RealNVP's logit space: from_logit inverts to_logit, and log|det dz/dx| is the log-determinant of the
+    Jacobian (autograd) at every example."""
+    x = dequantize(
+        grid(256, 4, 5), 256, torch.rand(4, 5, dtype=F64, generator=torch.Generator().manual_seed(2))
+    )
+    z, log_det = to_logit(x, 256, 0.05)
+    back, inverse_log_det = from_logit(z, 256, 0.05)
+    torch.testing.assert_close(back, x)
+    torch.testing.assert_close(inverse_log_det, -log_det)
+    for i in range(4):
+        jacobian = torch.autograd.functional.jacobian(lambda t: to_logit(t, 256, 0.05)[0], x[i])
+        torch.testing.assert_close(torch.logdet(jacobian), log_det[i])
+
+
+def test_densities_in_logit_space_are_densities_of_the_pixels() -> None:
+    """VAE (linear-Gaussian, exact log p) and Flow with levels: the pixels' log-density is the logit-space
+    model's at to_logit(x) plus log|det dz/dx| (the same weights without the transform as the reference),
+    and samples come back in pixel space."""
+    x = dequantize(grid(256, 6, 4), 256, torch.full((6, 4), 0.3, dtype=F64)).float()
+    z, log_det = to_logit(x, 256, 0.05)
+    pixels = VAE(shape=(4,), latent_dim=2, decoder="linear", likelihood="gaussian", levels=256)
+    plain = VAE(shape=(4,), latent_dim=2, decoder="linear", likelihood="gaussian")
+    plain.load_state_dict(pixels.state_dict())
+    torch.testing.assert_close(pixels.log_prob(x), plain.log_prob(z) + log_det)
+    torch.manual_seed(0)
+    flow = Flow(shape=(4,), transform="coupling", n_layers=2, hidden=(8,), levels=256)
+    direct = Flow(shape=(4,), transform="coupling", n_layers=2, hidden=(8,))
+    direct.load_state_dict(flow.state_dict())
+    torch.testing.assert_close(flow.log_prob(x), direct.log_prob(z) + log_det)
+    samples, log_q = flow.sample_and_log_prob(64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(flow.log_prob(samples), log_q, atol=1e-3, rtol=1e-4)
+    h = 1 / 255
+    assert samples.min() > -0.05 - h and samples.max() < 1.05 + h  # s = sigmoid(z) in (0, 1)

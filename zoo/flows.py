@@ -65,7 +65,15 @@ from zuko.lazy import LazyDistribution
 from zoo.guards import check_data, check_finite
 from zoo.networks import check_role, dummy_batch, numel
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of, step_key
-from zoo.pixels import bits_per_dim, check_levels, dequantize_eval, dequantize_train
+from zoo.pixels import (
+    bits_per_dim,
+    check_levels,
+    check_logit_alpha,
+    dequantize_eval,
+    dequantize_train,
+    from_logit,
+    to_logit,
+)
 from zoo.plugins import (
     LRSchedulerCallable,
     OptimizerCallable,
@@ -228,6 +236,10 @@ class Flow(L.LightningModule):
         levels: levels of discrete data (256 for 8-bit images; the CLI links the datamodule's ``levels``),
             None for continuous data. The forward objective and ``val/nll`` then see uniformly dequantised
             data (:func:`zoo.pixels.dequantize`), and ``val/bpd`` reports bits per dimension.
+        logit_alpha: with ``levels``, the flow models the pixels in RealNVP's logit space
+            (:func:`zoo.pixels.to_logit`, α = 0.05 as in RealNVP), its log-determinant included in every
+            density; None models the pixels directly (affine layers then squeeze the always-blank pixels'
+            scale to zero, and a held-out image with ink there scores thousands of bits/dim).
 
     Logged: ``train/loss``; forward: ``val/nll`` = E_data[-log q(x)] (and ``val/bpd`` with ``levels``);
     reverse: ``val/reverse_kl`` = E_q[log q(x) - log p(x)] (the KL itself when the target is normalised);
@@ -259,9 +271,11 @@ class Flow(L.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         levels: int | None = None,
+        logit_alpha: float | None = 0.05,
     ) -> None:
         super().__init__()
         check_levels(levels, "Flow")
+        check_logit_alpha(logit_alpha, "Flow")
         shape = tuple(int(s) for s in shape)
         _check_arguments(shape, transform, n_layers, hidden, objective, target, lr, lr_final_factor, flow)
         self.save_hyperparameters(
@@ -270,6 +284,7 @@ class Flow(L.LightningModule):
         self.shape, self.dim, self.kind = shape, numel(shape), transform
         self.objective, self.target, self.lr, self.seed = objective, target, lr, seed
         self.levels = levels
+        self.logit_alpha = logit_alpha if levels is not None else None  # pixels modelled in logit space
         self.lr_final_factor = float(lr_final_factor)
         self._optimizer_callable, self._lr_scheduler_callable = optimizer, lr_scheduler
         if flow is None:
@@ -303,7 +318,15 @@ class Flow(L.LightningModule):
     def push(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """``u [B, D]`` from N(0, I) -> ``(x [B, D], log q(x) [B])`` = (F(u), log N(u) - log|det ∂F/∂u|).
         A zuko flow's base: u is first mapped into it (z = loc + scale · u, or icdf(Φ(u))), then
-        x = T⁻¹(z) and log q(x) = log p_base(z) - log|det ∂T⁻¹/∂z|."""
+        x = T⁻¹(z) and log q(x) = log p_base(z) - log|det ∂T⁻¹/∂z|. With ``logit_alpha`` the flow's output
+        is in logit space and x = :func:`~zoo.pixels.from_logit` of it, its log-determinant subtracted."""
+        x, log_q = self._push(u)
+        if self.logit_alpha is None:
+            return x, log_q
+        x, log_det = from_logit(x, self.levels, self.logit_alpha)
+        return x, log_q - log_det
+
+    def _push(self, u: Tensor) -> tuple[Tensor, Tensor]:
         if self.flow is not None:
             distribution = self.flow()
             z = _from_standard_normal(distribution.base, u)
@@ -321,9 +344,17 @@ class Flow(L.LightningModule):
         return x, self.base_log_prob(u) - log_det
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """Exact log q(x) = log N(F⁻¹(x)) + log|det ∂F⁻¹/∂x| in nats, ``[B, *shape] -> [B]``."""
+        """Exact log q(x) = log N(F⁻¹(x)) + log|det ∂F⁻¹/∂x| in nats, ``[B, *shape] -> [B]`` (with
+        ``logit_alpha``: of z = :func:`~zoo.pixels.to_logit` (x), plus log|det dz/dx|)."""
+        x = x.flatten(1)
+        if self.logit_alpha is None:
+            return self._log_prob(x)
+        z, log_det = to_logit(x, self.levels, self.logit_alpha)
+        return self._log_prob(z) + log_det
+
+    def _log_prob(self, x: Tensor) -> Tensor:
         if self.flow is not None:
-            return self.flow().log_prob(x.flatten(1))
+            return self.flow().log_prob(x)
         if not self.invertible:
             raise NotImplementedError(
                 f"Flow(transform={self.kind!r}).log_prob(x) is not available: {self.kind} flows are not "
@@ -331,7 +362,7 @@ class Flow(L.LightningModule):
                 "Use sample_and_log_prob(n), which returns samples with their exact log q, or "
                 "transform='coupling' / 'maf' / 'spline' for a density of any x."
             )
-        u, ladj = self._zuko_transform().call_and_ladj(x.flatten(1))
+        u, ladj = self._zuko_transform().call_and_ladj(x)
         return self.base_log_prob(u) + ladj
 
     def sample_and_log_prob(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -339,8 +370,12 @@ class Flow(L.LightningModule):
         if self.flow is not None:
             distribution = self.flow()
             if not _pushable(distribution):  # e.g. a mixture: zuko's own sampler, seeded from the generator
-                x = _own_sample(distribution, n, generator)
-                return x.reshape(n, *self.shape), distribution.log_prob(x)
+                z = _own_sample(distribution, n, generator)
+                x, log_q = z, distribution.log_prob(z)
+                if self.logit_alpha is not None:
+                    x, log_det = from_logit(z, self.levels, self.logit_alpha)
+                    log_q = log_q - log_det
+                return x.reshape(n, *self.shape), log_q
         u = randn((n, self.dim), generator, device=self.device, dtype=self.dtype)
         x, log_q = self.push(u)
         return x.reshape(n, *self.shape), log_q

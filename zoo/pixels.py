@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from zoo.noise import global_uniform, mix_key, positional_uniform, shard_of, step_key
@@ -93,3 +94,39 @@ def dequantize_eval(module, x: Tensor, levels: int, stream: int, batch_idx: int)
         x.shape[0], x.shape[1:], key=key, rank=rank, world=world, device=x.device, dtype=x.dtype
     )
     return dequantize(x, levels, u)
+
+
+def to_logit(x: Tensor, levels: int, alpha: float) -> tuple[Tensor, Tensor]:
+    """RealNVP's logit space for dequantised pixels (Dinh et al. 2017, sec. 4.1): ``x [B, D]`` on the cells'
+    union [-h/2, 1 + h/2] (h = 1 / (levels - 1)) -> ``z = logit(s)``, ``s = alpha + (1 - 2 alpha) x'`` with
+    ``x' = (x + h/2) / (1 + h)`` in [0, 1] (RealNVP's (k + u) / 256). Returns ``(z, log|det dz/dx|)``, the
+    log-determinant summed over D, ``[B]``:
+
+    .. math::  \\log|dz/dx| = \\sum_d [\\log((1 - 2\\alpha) / (1 + h)) - \\log s_d - \\log(1 - s_d)].
+
+    A density q(z) is then the density q(z) |dz/dx| of the pixels: bits/dim include the transform.
+    """
+    h = 1.0 / (levels - 1)
+    s = alpha + (1 - 2 * alpha) * (x + h / 2) / (1 + h)
+    z = torch.log(s) - torch.log1p(-s)
+    log_det = math.log((1 - 2 * alpha) / (1 + h)) - torch.log(s) - torch.log1p(-s)
+    return z, log_det.sum(-1)
+
+
+def from_logit(z: Tensor, levels: int, alpha: float) -> tuple[Tensor, Tensor]:
+    """The inverse of :func:`to_logit`: ``z [B, D]`` -> ``(x, log|det dx/dz|)`` (= -log|det dz/dx| at x)."""
+    h = 1.0 / (levels - 1)
+    s = torch.sigmoid(z)
+    x = (s - alpha) / (1 - 2 * alpha) * (1 + h) - h / 2
+    log_det = (
+        torch.nn.functional.logsigmoid(z)
+        + torch.nn.functional.logsigmoid(-z)
+        - math.log((1 - 2 * alpha) / (1 + h))
+    )
+    return x, log_det.sum(-1)
+
+
+def check_logit_alpha(alpha: float | None, owner: str) -> None:
+    """Raise ``ValueError`` naming ``owner`` unless ``alpha`` is None or in (0, 1/2)."""
+    if alpha is not None and not 0 < alpha < 0.5:
+        raise ValueError(f"{owner}: logit_alpha={alpha!r} must lie in (0, 0.5) (RealNVP: 0.05), or be None")

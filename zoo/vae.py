@@ -49,7 +49,15 @@ from zoo.gradients import MovingAverageBaseline, score_function_surrogate
 from zoo.guards import check_data, check_finite
 from zoo.networks import check_conv_image, check_role, conv_decoder, conv_encoder, dummy_batch, mlp, numel
 from zoo.noise import global_normal, mix_key, positional_normal, randn, shard_of, step_key
-from zoo.pixels import bits_per_dim, check_levels, dequantize_eval, dequantize_train
+from zoo.pixels import (
+    bits_per_dim,
+    check_levels,
+    check_logit_alpha,
+    dequantize_eval,
+    dequantize_train,
+    from_logit,
+    to_logit,
+)
 from zoo.plugins import LRSchedulerCallable, OptimizerCallable, adam, configure_single, live_arguments
 
 Architecture = Literal["mlp", "conv", "linear"]
@@ -107,6 +115,9 @@ class VAE(L.LightningModule):
             dequantised (:func:`zoo.pixels.dequantize`) in :meth:`training_loss` and in evaluation, and
             ``val/bpd`` / ``test/bpd`` report bits per dimension of the discrete data; with the Bernoulli
             likelihood they are reported for ``levels=2``.
+        logit_alpha: with ``levels`` and the Gaussian likelihood, the Gaussian is over the pixels in
+            RealNVP's logit space (:func:`zoo.pixels.to_logit`, α = 0.05), its log-determinant included, so
+            every bound is still one of the pixels' density; None: a Gaussian on the pixels themselves.
 
     A network given from Python is left out of the saved hyperparameters: reload its checkpoint with
     ``VAE.load_from_checkpoint(path, encoder=MyEncoder())``. From a recipe (``class_path`` / ``init_args``)
@@ -139,9 +150,11 @@ class VAE(L.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         levels: int | None = None,
+        logit_alpha: float | None = 0.05,
     ) -> None:
         super().__init__()
         check_levels(levels, "VAE")
+        check_logit_alpha(logit_alpha, "VAE")
         shape = tuple(int(s) for s in shape)
         user_decoder = decoder if isinstance(decoder, nn.Module) else None
         preset = "mlp" if user_decoder is not None else decoder  # the kind of the presets built here
@@ -155,6 +168,8 @@ class VAE(L.LightningModule):
         self.likelihood, self.posterior_kind = likelihood, posterior
         self.decoder_kind = preset if user_decoder is None else "custom"  # "linear": log_prob is exact
         self.lr, self.eval_k, self.seed, self.levels = lr, eval_k, seed, levels
+        dequantized = levels is not None and likelihood == "gaussian"
+        self.logit_alpha = logit_alpha if dequantized else None  # the Gaussian is over logit-space pixels
         self._optimizer_callable, self._lr_scheduler_callable = optimizer, lr_scheduler
         hidden = tuple(hidden)
 
@@ -191,7 +206,8 @@ class VAE(L.LightningModule):
         return self.decoder(z.reshape(-1, self.latent_dim)).reshape(*z.shape[:-1], *self.shape)
 
     def observation(self, z: Tensor) -> Distribution:
-        """p(x | z) for ``z [..., latent_dim]``: batch shape ``[...]``, event shape ``self.shape``."""
+        """p(x | z) for ``z [..., latent_dim]``: batch shape ``[...]``, event shape ``self.shape`` (with
+        ``logit_alpha``: the Gaussian over the logit-space pixels, :func:`zoo.pixels.to_logit`)."""
         out, n = upcast(self.decode(z)), len(self.shape)
         if self.likelihood == "bernoulli":
             # validate_args=False: grey-level data in [0, 1] is scored by the same cross-entropy.
@@ -204,9 +220,14 @@ class VAE(L.LightningModule):
 
         The closed form of ``observation(z).log_prob(x)`` (Bernoulli: -BCE with logits; Gaussian:
         -((x - m)/s)²/2 - log s - log(2π)/2), written out because it runs every step; the tests check the two
-        agree. The decoder runs under autocast, the terms and their sum in float32 (or wider).
+        agree. The decoder runs under autocast, the terms and their sum in float32 (or wider). With
+        ``logit_alpha`` the Gaussian is over z = :func:`~zoo.pixels.to_logit` (x), plus log|det dz/dx|.
         """
         out = upcast(self.decode(z))
+        log_det = 0.0
+        if self.logit_alpha is not None:
+            x, log_det = to_logit(upcast(x).flatten(1), self.levels, self.logit_alpha)
+            x = x.reshape(-1, *self.shape)
         with full_precision(out):
             if self.likelihood == "bernoulli":
                 log_p = -binary_cross_entropy_with_logits(
@@ -215,7 +236,7 @@ class VAE(L.LightningModule):
             else:
                 log_s = self.log_scale.reshape(self.shape)
                 log_p = -0.5 * ((x - out) * torch.exp(-log_s)) ** 2 - log_s - 0.5 * math.log(2 * math.pi)
-            return log_p.flatten(-len(self.shape)).sum(-1)
+            return log_p.flatten(-len(self.shape)).sum(-1) + log_det
 
     def _log_weights(self, x: Tensor, eps: Tensor, q: Gaussian | None = None) -> Tensor:
         """log w_j = log p(x | z_j) + log p(z_j) - log q(z_j | x) for z_j = μ + L ε_j; ``eps [k, B, d]``.
@@ -257,11 +278,14 @@ class VAE(L.LightningModule):
         """``n`` draws x ~ p(x | z), z ~ p(z); ``mean=True`` returns E[x | z] (nicer image grids)."""
         z = randn((n, self.latent_dim), generator, device=self.device, dtype=self.dtype)
         p = self.observation(z)
-        if mean:
-            return p.mean
         if self.likelihood == "bernoulli":
-            return torch.bernoulli(p.mean, generator=generator)
-        return p.mean + p.stddev * randn(p.mean.shape, generator, device=z.device, dtype=z.dtype)
+            return p.mean if mean else torch.bernoulli(p.mean, generator=generator)
+        x = p.mean
+        if not mean:
+            x = x + p.stddev * randn(p.mean.shape, generator, device=z.device, dtype=z.dtype)
+        if self.logit_alpha is not None:  # logit space -> pixels
+            x = from_logit(x.flatten(1), self.levels, self.logit_alpha)[0].reshape(x.shape)
+        return x
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact log p(x) = log N(x; b, W Wᵀ + diag s²) of the linear-Gaussian model, ``Tensor[B]``."""
@@ -275,9 +299,12 @@ class VAE(L.LightningModule):
                 "iwae_bound(x, k) or callbacks.elbo_gap.iwae_log_likelihood."
             )
         w, b = self.decoder.weight, self.decoder.bias  # [D, d], [D]
+        x, log_det = upcast(x).flatten(1), 0.0
+        if self.logit_alpha is not None:
+            x, log_det = to_logit(x, self.levels, self.logit_alpha)
         with full_precision(w):
             covariance = w @ w.T + torch.diag(self.log_scale.exp() ** 2)
-            return MultivariateNormal(b, covariance_matrix=covariance).log_prob(upcast(x).flatten(1))
+            return MultivariateNormal(b, covariance_matrix=covariance).log_prob(x) + log_det
 
     # -- training ---------------------------------------------------------------------------------------
 
