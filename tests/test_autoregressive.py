@@ -258,7 +258,7 @@ DATA = ("--data=Digits", "--data.binarize=dynamic", "--data.batch_size=64")
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("family", sorted(RECIPES))
+@pytest.mark.parametrize("family", ["MADE"])  # PixelCNN: see below
 def test_two_processes_match_one_and_a_resumed_run_continues_exactly(tmp_path: Path, family: str) -> None:
     """Four ``cli.py fit`` runs (one process unless said), the first shared by both checks:
 
@@ -269,6 +269,10 @@ def test_two_processes_match_one_and_a_resumed_run_continues_exactly(tmp_path: P
     * resume: 3 epochs in one go == the 2-epoch run, ``--ckpt_path`` to its checkpoint, 1 more: every weight
       and the epoch-3 val/nll equal bit for bit (dynamic binarisation and MADE's mask set are functions of
       the epoch and global_step, both restored).
+
+    MADE only (50 s each on 2 cores): its mask set is the family's one piece of step-keyed randomness.
+    PixelCNN draws none, so its 2-process run is plain DDP over the same sampler and binarisation; it trains
+    under ddp in tests/test_fsdp2.py's 2-process job and goes through the spawn round trip.
     """
     check_parity_and_resume(tmp_path, (*RECIPES[family], *DATA), ("val/bpd", "val/nll"))
 

@@ -172,7 +172,7 @@ def logged_val_iwae(model: VAE, x: Tensor) -> float:
     """What ``validation_step`` logs as val/iwae for one batch ``x``."""
     model.val_iwae.reset()
     with torch.no_grad():
-        model._evaluate(x, 0, model.val_elbo, model.val_iwae)
+        model._evaluate(x, 0, "val")
     return float(model.val_iwae.compute())
 
 
