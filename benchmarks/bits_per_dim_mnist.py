@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000, help="optimiser steps per family (batch 128)")
     parser.add_argument("--families", default="VAE,Flow", help="comma-separated: VAE, Flow")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test_batches", type=int, default=None, help="batches tested (smoke runs)")
     parser.add_argument("--json", type=Path, default=None, help="write the table here")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message=r".*(does not have many workers|isinstance\(treespec).*")
@@ -66,6 +67,7 @@ def main() -> None:
         trainer = L.Trainer(
             max_steps=args.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+            limit_test_batches=args.test_batches,
         )  # fmt: skip
         start = time.perf_counter()
         trainer.fit(model, data)
