@@ -112,3 +112,15 @@ def test_every_image_family_trains_on_colour_images(
     metrics = fit.trainer.callback_metrics
     if family in ("VAE", "Diffusion", "Flow"):  # densities of the 8-bit images: bits/dim
         assert 0 < float(metrics["val/bpd"]) < 100, metrics
+
+
+def test_a_binary_family_on_colour_images_names_the_families_that_fit(
+    cifar: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MADE models binary pixels: on CIFAR-10 it stops before training, naming the 8-bit families."""
+    from zoo.guards import DataSupportError
+
+    args = ["fit", "--model=MADE", "--model.hidden=[16]", "--data=CIFAR10"]
+    args += data_args("cifar10", cifar, folder)
+    with pytest.raises(DataSupportError, match=r"8-bit images .* Flow, VAE with --model.likelihood gaussian"):
+        cli([*args, "--trainer.fast_dev_run=true"], tmp_path, monkeypatch)

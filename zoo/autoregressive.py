@@ -83,6 +83,14 @@ def pixelcnn_mask(kernel_size: int, mask_type: MaskType) -> Tensor:
     return mask
 
 
+# What to do with non-binary data: binarise where the datamodule can; 8-bit images need an 8-bit likelihood.
+BINARY_FIX = (
+    "binarised data (Digits / MNIST with --data.binarize dynamic or static); for 8-bit images (CIFAR10, "
+    "ImageFolder, uint8 Arrays) use a family with an 8-bit likelihood: Flow, VAE with "
+    "--model.likelihood gaussian, or Diffusion (bits/dim of the 8-bit images, zoo.pixels)"
+)
+
+
 class MaskedConv2d(nn.Conv2d):
     """``torch.nn.Conv2d`` whose kernel is multiplied by :func:`pixelcnn_mask` (a buffer) at every call, so
     the masked weights get zero gradient and never leak. ``padding`` defaults to ``kernel_size // 2`` (the
@@ -190,7 +198,7 @@ class _BinaryAutoregressive(L.LightningModule):
         return -self.log_prob(batch).mean()
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        check_data(self, batch, "binary", fix="binarised data (--data.binarize dynamic or static)")
+        check_data(self, batch, "binary", fix=BINARY_FIX)
         loss = self.training_loss(batch)
         check_finite(self, "train/loss", loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True)
