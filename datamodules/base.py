@@ -71,18 +71,26 @@ def level_count(name: str, levels: int | None) -> int | None:
     return levels
 
 
+def check_split_size(name: str, size: int | float) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``size`` is a count (int >= 0) or a share of the examples
+    (float in [0, 1)): a split's size before the number of examples is known."""
+    if isinstance(size, float):
+        if not 0.0 <= size < 1.0:
+            raise ValueError(f"{name}={size!r}: a share of the examples must lie in [0, 1)")
+    elif isinstance(size, bool) or not isinstance(size, int):
+        raise ValueError(f"{name} must be a count (int) or a share (float in [0, 1)), got {size!r}")
+    else:
+        check_int(name, size, 0)
+
+
 def split_sizes(n: int, val_size: float, test_size: float) -> tuple[int, int, int]:
     """``(train, val, test)`` sizes of ``n`` examples; ``val_size`` / ``test_size`` are counts (ints) or
     shares of ``n`` (floats in [0, 1), rounded to the nearest count). Raises ``ValueError`` naming the bad
     value, or when nothing is left to train on."""
     counts = []
     for name, size in (("val_size", val_size), ("test_size", test_size)):
-        if isinstance(size, float):
-            if not 0.0 <= size < 1.0:
-                raise ValueError(f"{name}={size!r}: a share of the examples must lie in [0, 1)")
-            size = round(size * n)
-        check_int(name, size, 0)
-        counts.append(size)
+        check_split_size(name, size)
+        counts.append(round(size * n) if isinstance(size, float) else size)
     val, test = counts
     if val + test >= n:
         raise ValueError(f"val_size + test_size = {val} + {test} leaves no training example of {n}")

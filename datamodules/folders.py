@@ -26,7 +26,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from datamodules.base import TensorDataModule, check_choice, check_int, split_indices, split_sizes
+from datamodules.base import (
+    TensorDataModule,
+    check_choice,
+    check_int,
+    check_split_size,
+    split_indices,
+    split_sizes,
+)
 
 MODES = {1: "L", 3: "RGB"}
 
@@ -141,9 +148,8 @@ class ImageFolder(TensorDataModule):
         super().__init__(batch_size, seed, num_workers)
         check_int("size", size, 1)
         check_choice("channels", channels, tuple(MODES))
-        for name, value in (("val_size", val_size), ("test_size", test_size)):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"{name} must be a count (int) or a share (float in [0, 1)), got {value!r}")
+        check_split_size("val_size", val_size)
+        check_split_size("test_size", test_size)
         self.root, self.size, self.channels = Path(os.path.expanduser(root)), size, channels
         self.val_size, self.test_size = val_size, test_size
         self.classes: list[str] = []

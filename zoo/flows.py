@@ -320,10 +320,14 @@ class Flow(L.LightningModule):
         A zuko flow's base: u is first mapped into it (z = loc + scale · u, or icdf(Φ(u))), then
         x = T⁻¹(z) and log q(x) = log p_base(z) - log|det ∂T⁻¹/∂z|. With ``logit_alpha`` the flow's output
         is in logit space and x = :func:`~zoo.pixels.from_logit` of it, its log-determinant subtracted."""
-        x, log_q = self._push(u)
+        return self._to_pixels(*self._push(u))
+
+    def _to_pixels(self, z: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+        """The flow's output ``z [B, D]`` with its log q(z) -> the pixels x = :func:`~zoo.pixels.from_logit`
+        (z) and log q(x) = log q(z) - log|det dx/dz| with ``logit_alpha``; unchanged without."""
         if self.logit_alpha is None:
-            return x, log_q
-        x, log_det = from_logit(x, self.levels, self.logit_alpha)
+            return z, log_q
+        x, log_det = from_logit(z, self.levels, self.logit_alpha)
         return x, log_q - log_det
 
     def _push(self, u: Tensor) -> tuple[Tensor, Tensor]:
@@ -371,10 +375,7 @@ class Flow(L.LightningModule):
             distribution = self.flow()
             if not _pushable(distribution):  # e.g. a mixture: zuko's own sampler, seeded from the generator
                 z = _own_sample(distribution, n, generator)
-                x, log_q = z, distribution.log_prob(z)
-                if self.logit_alpha is not None:
-                    x, log_det = from_logit(z, self.levels, self.logit_alpha)
-                    log_q = log_q - log_det
+                x, log_q = self._to_pixels(z, distribution.log_prob(z))
                 return x.reshape(n, *self.shape), log_q
         u = randn((n, self.dim), generator, device=self.device, dtype=self.dtype)
         x, log_q = self.push(u)

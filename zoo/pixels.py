@@ -62,8 +62,9 @@ def bits_per_dim(log_p: Tensor, dims: int, levels: int | None = None, dequantize
     """Bits per dimension of log-likelihoods ``log_p`` (nats per example) of ``dims``-dimensional data.
 
     ``dequantized=False``: ``log_p`` is the log-probability of the discrete data; bpd = -log_p / (D ln 2).
-    ``dequantized=True``: ``log_p`` is a continuous density at the dequantised ``y = (k + u) / levels``;
-    bpd = (-log_p / D + ln(levels - 1)) / ln 2, the discretisation-corrected value (module docstring).
+    ``dequantized=True``: ``log_p`` is a continuous density at the dequantised
+    ``y = x + (u - 1/2) / (levels - 1)`` (:func:`dequantize`); bpd = (-log_p / D + ln(levels - 1)) / ln 2, the
+    discretisation-corrected value (module docstring).
     """
     per_dim = -log_p / dims
     if dequantized:
@@ -108,9 +109,9 @@ def to_logit(x: Tensor, levels: int, alpha: float) -> tuple[Tensor, Tensor]:
     """
     h = 1.0 / (levels - 1)
     s = alpha + (1 - 2 * alpha) * (x + h / 2) / (1 + h)
-    z = torch.log(s) - torch.log1p(-s)
-    log_det = math.log((1 - 2 * alpha) / (1 + h)) - torch.log(s) - torch.log1p(-s)
-    return z, log_det.sum(-1)
+    log_s, log_1ms = torch.log(s), torch.log1p(-s)
+    log_det = math.log((1 - 2 * alpha) / (1 + h)) - log_s - log_1ms
+    return log_s - log_1ms, log_det.sum(-1)
 
 
 def from_logit(z: Tensor, levels: int, alpha: float) -> tuple[Tensor, Tensor]:

@@ -168,8 +168,7 @@ class VAE(L.LightningModule):
         self.likelihood, self.posterior_kind = likelihood, posterior
         self.decoder_kind = preset if user_decoder is None else "custom"  # "linear": log_prob is exact
         self.lr, self.eval_k, self.seed, self.levels = lr, eval_k, seed, levels
-        dequantized = levels is not None and likelihood == "gaussian"
-        self.logit_alpha = logit_alpha if dequantized else None  # the Gaussian is over logit-space pixels
+        self.logit_alpha = logit_alpha if self.dequantized else None  # the Gaussian over logit-space pixels
         self._optimizer_callable, self._lr_scheduler_callable = optimizer, lr_scheduler
         hidden = tuple(hidden)
 
